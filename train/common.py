@@ -1,0 +1,145 @@
+"""What both training stages share: run directory, logger, checkpoints, resume, precision, Slurm requeue,
+and the middle-slice image logged at every validation."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+from utils.errors import UserError
+
+LAST_CKPT = "last.ckpt"
+BEST_CKPT = "best.ckpt"
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """"auto": bf16 mixed precision on GPUs that support it, full 32-bit float elsewhere (CPU included)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
+    """`auto`: the newest of `<run_dir>/last.ckpt` and Lightning's Slurm requeue checkpoints (`hpc_ckpt_*.ckpt`),
+    or None for a fresh run; `never`: None; anything else: a checkpoint path that must exist."""
+    if resume in (None, "never"):
+        return None
+    if resume == "auto":
+        candidates = [run_dir / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")]
+        existing = [p for p in candidates if p.is_file()]
+        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"{path}: train.resume points at a checkpoint that does not exist")
+    return str(path)
+
+
+def in_slurm_batch_job() -> bool:
+    """True inside an sbatch/srun job, False in an interactive `salloc` shell or outside Slurm."""
+    return SLURMEnvironment.detect()
+
+
+def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) -> pl.Trainer:
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"])
+    callbacks = [
+        # last.ckpt: every `ckpt_every_n_steps` optimisation steps and at the end of training.
+        ModelCheckpoint(
+            dirpath=run_dir,
+            filename="last",
+            every_n_train_steps=cfg.train.ckpt_every_n_steps,
+            save_top_k=1,
+            enable_version_counter=False,
+            save_on_train_epoch_end=True,
+        ),
+        # best.ckpt: lowest validation reconstruction/denoising error seen so far.
+        ModelCheckpoint(
+            dirpath=run_dir,
+            filename="best",
+            monitor=module.monitor,
+            mode="min",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+    ]
+    plugins = []
+    if in_slurm_batch_job():
+        # On SIGUSR1 (sbatch --signal=USR1@90) Lightning writes hpc_ckpt_<n>.ckpt into run_dir and requeues the job;
+        # the requeued job finds it through `train.resume=auto`.
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    return pl.Trainer(
+        **trainer_kwargs,
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=callbacks,
+        plugins=plugins or None,
+        enable_checkpointing=True,
+    )
+
+
+def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> pl.Trainer:
+    """Fit `module` on `datamodule` in `cfg.train.run_dir`, resuming according to `cfg.train.resume`."""
+    pl.seed_everything(cfg.train.seed, workers=True)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = find_resume_checkpoint(run_dir, cfg.train.resume)
+    trainer = build_trainer(cfg, module, run_dir)
+    if ckpt_path and trainer.is_global_zero:
+        print(f"resuming from {ckpt_path}", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # Make sure last.ckpt holds the final state even when max_steps ended mid-interval.
+    trainer.save_checkpoint(run_dir / LAST_CKPT)
+    return trainer
+
+
+def _to_display(array: np.ndarray) -> np.ndarray:
+    """Scale a 2D array to [0, 1] for display only (min-max of this slice)."""
+    array = np.asarray(array, dtype=np.float32)
+    lo, hi = float(array.min()), float(array.max())
+    return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+
+
+def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tile rows of 2D arrays (each shown rotated so that anterior is up) into one grey-scale image in [0, 1]."""
+    tiles = [[np.rot90(_to_display(a)) for a in row] for row in rows]
+    height = max(t.shape[0] for row in tiles for t in row)
+    width = max(t.shape[1] for row in tiles for t in row)
+    n_cols = max(len(row) for row in tiles)
+    grid = np.ones((len(tiles) * (height + pad) + pad, n_cols * (width + pad) + pad), dtype=np.float32)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            top, left = pad + r * (height + pad), pad + c * (width + pad)
+            grid[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+    return grid
+
+
+def save_image_grid(module: pl.LightningModule, name: str, rows: list[list[np.ndarray]]) -> Path | None:
+    """Write `<run_dir>/images/<name>_step<k>.png` and send it to the logger if that takes images.
+    Rows are lists of 2D arrays (e.g. middle slices of input, reconstruction, label)."""
+    trainer = module.trainer
+    if not trainer.is_global_zero:
+        return None
+    import imageio.v3 as iio
+
+    grid = image_grid(rows)
+    out_dir = Path(trainer.default_root_dir) / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name.replace('/', '_')}_step{trainer.global_step:07d}.png"
+    iio.imwrite(path, (grid * 255).round().astype(np.uint8))
+    logger = trainer.logger
+    if isinstance(logger, pl.loggers.WandbLogger):
+        logger.log_image(key=name, images=[grid], step=trainer.global_step)
+    elif isinstance(logger, pl.loggers.TensorBoardLogger):
+        logger.experiment.add_image(name, grid[None], global_step=trainer.global_step)
+    return path
