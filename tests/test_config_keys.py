@@ -1,0 +1,122 @@
+"""Every config of every group composes, and every key in every config is read by some code.
+
+A key counts as read when (a) it is an argument of the `_target_` its node instantiates, (b) it sits in the
+`trainer` group, whose node is passed to `pytorch_lightning.Trainer(**cfg.trainer)`, or (c) the project's
+code (outside tests) reads it by attribute (`.key`, not a method call) or by item (`["key"]`, `get("key")`).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from utils.paths import CONFIG_DIR, PROJECT_ROOT
+
+HYDRA_KEYS = {"defaults", "hydra", "_target_", "_partial_", "_recursive_", "_convert_"}
+CODE_DIRS = ["dataset", "vq_gan_3d", "ddpm", "train", "evaluation", "utils", "benchmarks"]
+TOP_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+
+
+@lru_cache(maxsize=1)
+def project_source() -> str:
+    return "\n".join(
+        p.read_text() for d in CODE_DIRS for p in (PROJECT_ROOT / d).rglob("*.py") if p.is_file()
+    )
+
+
+def leaf_keys(node, prefix=()):
+    """Yield (path, key, parent_node) for every key of a loaded YAML mapping, skipping Hydra's own keys."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in HYDRA_KEYS:
+            continue
+        yield prefix + (key,), key, node
+        if isinstance(value, dict) and "_target_" not in value:
+            yield from leaf_keys(value, prefix + (key,))
+
+
+def target_parameters(target: str) -> set[str]:
+    module_name, _, attr = target.rpartition(".")
+    obj = getattr(importlib.import_module(module_name), attr)
+    return set(inspect.signature(obj).parameters)
+
+
+def code_reads(key: str) -> bool:
+    pattern = rf"\.{re.escape(key)}\b(?!\s*\()|\[\s*['\"]{re.escape(key)}['\"]\s*\]|get\(\s*['\"]{re.escape(key)}['\"]"
+    return re.search(pattern, project_source()) is not None
+
+
+def config_files():
+    return sorted(p for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", config_files(), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_key_is_read(path):
+    data = yaml.safe_load(path.read_text()) or {}
+    group = path.parent.name if path.parent != CONFIG_DIR else None
+    unread = []
+    for dotted, key, parent in leaf_keys(data):
+        if isinstance(data.get(dotted[0]), dict) and "_target_" in data[dotted[0]] and len(dotted) == 2:
+            if key in target_parameters(data[dotted[0]]["_target_"]):
+                continue
+        if "_target_" in data and len(dotted) == 1:
+            params = target_parameters(data["_target_"])
+            if key in params:
+                continue
+        if group == "trainer" and len(dotted) == 1:
+            import pytorch_lightning as pl
+
+            if key in inspect.signature(pl.Trainer.__init__).parameters:
+                continue
+        if not code_reads(key):
+            unread.append(".".join(map(str, dotted)))
+    assert not unread, f"{path.relative_to(CONFIG_DIR)}: keys that no code reads: {unread}"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def top_config_groups(name: str) -> list[str]:
+    data = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+    groups = []
+    for entry in data.get("defaults", []):
+        if isinstance(entry, dict):
+            key = next(iter(entry)).replace("optional ", "").strip()
+            if not key.startswith(("override", "hydra")) and (CONFIG_DIR / key).is_dir():
+                groups.append(key)
+    return groups
+
+
+def compositions():
+    for name in TOP_CONFIGS:
+        yield name, []
+        for group in top_config_groups(name):
+            if group.startswith("experiment_"):
+                continue  # selected through `experiment=<name>`
+            for option in group_options(group):
+                yield name, [f"{group}={option}"]
+
+
+@pytest.mark.parametrize("name,overrides", list(compositions()), ids=lambda v: str(v))
+def test_config_composes(name, overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(name, overrides=overrides)
+    # Resolve every interpolation; required values (???) are allowed to stay missing.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert "_self_" not in cfg
+
+
+def test_no_absolute_paths_in_configs():
+    absolute = re.compile(r"(?<![\w$}])/(home|data|misc|mnt|scratch|work|tmp|cluster|srv|opt)\b")
+    offenders = [str(p) for p in config_files() if absolute.search(p.read_text())]
+    assert not offenders, f"absolute paths in {offenders}"
