@@ -105,6 +105,9 @@ def compositions():
                 continue  # selected through `experiment=<name>`
             for option in group_options(group):
                 yield name, [f"{group}={option}"]
+            for nested in sorted(p.name for p in (CONFIG_DIR / group).iterdir() if p.is_dir()):
+                for option in group_options(f"{group}/{nested}"):
+                    yield name, [f"{group}/{nested}={option}"]
 
 
 @pytest.mark.parametrize("name,overrides", list(compositions()), ids=lambda v: str(v))

@@ -1,0 +1,161 @@
+"""Preprocessed volumes on disk, so an epoch does not decode every .nii.gz again.
+
+Layout: `<cache_dir>/preprocessed/<name>-<settings hash>/<case_id>-<file hash>/` holding `image.npy` (float32,
+model grid, normalised), `label.npy` (smallest integer type), `foreground.npy` (sample of foreground voxel
+coordinates for foreground-aware crops) and `meta.json` (grid info, intensity params, check statistics, source
+file stats). The settings hash covers everything that changes the arrays; the file hash covers path, size and
+modification time of the image and label, so an entry is reused exactly while settings and files are unchanged.
+Entries are written into a temporary folder and renamed into place; nothing is ever written into the data folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataset.case_checks import CaseStats, load_checked_case
+from dataset.geometry import GridInfo, to_model_grid
+from dataset.intensity import build_normalizer
+from dataset.layout import Case, as_config, required
+from utils.errors import UserError
+from utils.paths import cache_dir
+
+CACHE_VERSION = 1  # bump when the preprocessing code changes what it writes
+MAX_FOREGROUND_SAMPLES = 20000
+
+
+@dataclass
+class PreprocessedCase:
+    case_id: str
+    image: np.ndarray  # float32 (X, Y, Z) in [-1, 1] on the model grid
+    label: np.ndarray  # integer (X, Y, Z) on the model grid
+    grid_info: GridInfo
+    intensity_params: dict
+    foreground: np.ndarray  # int32 (N, 3) voxel coordinates with label > 0 (a sample, possibly empty)
+    stats: CaseStats
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_hash(cfg: Mapping) -> str:
+    cfg = as_config(cfg)
+    settings = {
+        "version": CACHE_VERSION,
+        "spacing": [float(s) for s in required(cfg, "spacing")],
+        "intensity": {str(k): v for k, v in dict(cfg.intensity).items()},
+        "label_nc": int(required(cfg, "label_nc", "set dataset.label_nc=K (number of label classes)")),
+    }
+    return _digest(settings)
+
+
+def file_hash(case: Case) -> str:
+    stats = []
+    for path in (case.image_path, case.label_path):
+        info = path.stat()
+        stats.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
+    return _digest(stats)
+
+
+def cache_folder(cfg: Mapping) -> Path:
+    cfg = as_config(cfg)
+    return cache_dir(cfg.get("cache_dir")) / "preprocessed" / f"{cfg.name}-{settings_hash(cfg)}"
+
+
+def entry_folder(case: Case, cfg: Mapping) -> Path:
+    return cache_folder(cfg) / f"{case.case_id}-{file_hash(case)}"
+
+
+def cached_stats(case: Case, cfg: Mapping) -> CaseStats | None:
+    """Check statistics of an up-to-date cache entry (the pair passed every check), else None."""
+    meta = entry_folder(case, cfg) / "meta.json"
+    if not meta.is_file():
+        return None
+    return CaseStats.from_dict(json.loads(meta.read_text())["stats"])
+
+
+def _foreground_sample(label: np.ndarray, case_id: str) -> np.ndarray:
+    coords = np.argwhere(label > 0).astype(np.int32)
+    if len(coords) > MAX_FOREGROUND_SAMPLES:
+        rng = np.random.default_rng(int(_digest(case_id)[:8], 16))
+        coords = coords[np.sort(rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False))]
+    return coords.reshape(-1, 3)
+
+
+def preprocess_case(case: Case, cfg: Mapping) -> PreprocessedCase:
+    """Load, check, reorient, resample and normalise one pair (no caching)."""
+    cfg = as_config(cfg)
+    image, label, affine, stats = load_checked_case(case, int(cfg.label_nc))
+    spacing = list(cfg.spacing)
+    image_grid, grid_info = to_model_grid(image, affine, spacing, is_label=False)
+    label_grid, _ = to_model_grid(label, affine, spacing, is_label=True)
+    normalised, params = build_normalizer(cfg.intensity).forward(image_grid)
+    return PreprocessedCase(case_id=case.case_id, image=normalised, label=label_grid, grid_info=grid_info,
+                            intensity_params=params, foreground=_foreground_sample(label_grid, case.case_id),
+                            stats=stats)
+
+
+def _refuse_data_folder(folder: Path, case: Case) -> None:
+    data_root = case.image_path.resolve().parent.parent
+    if folder.resolve().is_relative_to(data_root):
+        raise UserError(f"{folder}: the cache must not live inside the data folder {data_root}; "
+                        "set dataset.cache_dir elsewhere")
+
+
+def _write_entry(entry: PreprocessedCase, case: Case, folder: Path) -> None:
+    _refuse_data_folder(folder, case)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=folder.parent))
+    try:
+        np.save(tmp / "image.npy", entry.image)
+        np.save(tmp / "label.npy", entry.label)
+        np.save(tmp / "foreground.npy", entry.foreground)
+        meta = {"case_id": case.case_id, "grid_info": entry.grid_info.to_dict(),
+                "intensity_params": entry.intensity_params, "stats": entry.stats.to_dict()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process wrote the same entry first: keep theirs
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stale = re.compile(re.escape(case.case_id) + r"-[0-9a-f]{16}")
+    for other in folder.parent.iterdir():
+        if other != folder and stale.fullmatch(other.name):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def read_entry(folder: Path) -> PreprocessedCase:
+    meta = json.loads((folder / "meta.json").read_text())
+    return PreprocessedCase(
+        case_id=meta["case_id"],
+        image=np.load(folder / "image.npy", mmap_mode="r"),
+        label=np.load(folder / "label.npy", mmap_mode="r"),
+        grid_info=GridInfo.from_dict(meta["grid_info"]),
+        intensity_params=meta["intensity_params"],
+        foreground=np.load(folder / "foreground.npy"),
+        stats=CaseStats.from_dict(meta["stats"]),
+    )
+
+
+def ensure_cached(case: Case, cfg: Mapping) -> Path:
+    """Preprocess `case` into the cache unless it is there; returns its entry folder (cheap to pass between
+    processes, unlike the arrays)."""
+    folder = entry_folder(case, cfg)
+    if not (folder / "meta.json").is_file():
+        _write_entry(preprocess_case(case, cfg), case, folder)
+    return folder
+
+
+def load_preprocessed(case: Case, cfg: Mapping) -> PreprocessedCase:
+    """The preprocessed pair, from the cache (memory-mapped) or computed and cached now."""
+    return read_entry(ensure_cached(case, cfg))
