@@ -72,7 +72,9 @@ def test_every_key_is_read(path):
             params = target_parameters(data["_target_"])
             if key in params:
                 continue
-        if group == "trainer" and len(dotted) == 1:
+        # Trainer kwargs: keys of the trainer group, or `trainer.<key>` set by a `_global_` experiment file.
+        is_global = path.read_text().lstrip().startswith("# @package _global_")
+        if (group == "trainer" and len(dotted) == 1) or (is_global and dotted[0] == "trainer" and len(dotted) == 2):
             import pytorch_lightning as pl
 
             if key in inspect.signature(pl.Trainer.__init__).parameters:

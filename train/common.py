@@ -2,17 +2,22 @@
 and the middle-slice image logged at every validation."""
 from __future__ import annotations
 
-import signal
+import contextlib
+import os
 from pathlib import Path
 
 import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from train.requeue import RequeueOnSignal, RequeueRequested, finish_after_requeue_request
+from utils.atomic import atomic_path
 from utils.errors import UserError
 
 LAST_CKPT = "last.ckpt"
@@ -48,6 +53,31 @@ def in_slurm_batch_job() -> bool:
     return SLURMEnvironment.detect()
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written under a temporary name and renamed, so a job killed mid-save (time limit, node
+    failure) leaves the previous `last.ckpt` intact instead of a truncated one that `resume=auto` cannot load."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_path(path, overwrite=True) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class SeedPerRank(pl.Callback):
+    """Under DDP, one random stream per rank (seed + rank): otherwise every rank draws the same noise, timesteps,
+    crops and slices, and the larger batch adds no variety. Set in `setup`, where ranks are known whichever way the
+    processes were started. Weights need no common seed: DDP copies rank 0's to every rank."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+            # Lightning's DistributedSampler shuffles with PL_GLOBAL_SEED, which must stay common to all ranks:
+            # with one seed per rank the ranks' shards would overlap instead of partitioning the data set.
+            os.environ["PL_GLOBAL_SEED"] = str(self.seed)
+
+
 def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"])
@@ -71,19 +101,21 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) ->
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
+        SeedPerRank(int(cfg.train.seed)),
     ]
-    plugins = []
+    plugins = [AtomicCheckpointIO()]
     if in_slurm_batch_job():
-        # On SIGUSR1 (sbatch --signal=USR1@90) Lightning writes hpc_ckpt_<n>.ckpt into run_dir and requeues the job;
-        # the requeued job finds it through `train.resume=auto`.
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+        # On SIGUSR1 (sbatch --signal=USR1@90) all ranks save last.ckpt at the same batch boundary and rank 0
+        # requeues the job (train/requeue.py); Lightning's own handler, which saves mid-step, stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal(checkpoint_path=run_dir / LAST_CKPT))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     return pl.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
-        plugins=plugins or None,
+        plugins=plugins,
         enable_checkpointing=True,
     )
 
@@ -97,10 +129,77 @@ def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     trainer = build_trainer(cfg, module, run_dir)
     if ckpt_path and trainer.is_global_zero:
         print(f"resuming from {ckpt_path}", flush=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal)), None)
+    if requeue is not None:
+        requeue.install()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except RequeueRequested:
+        finish_after_requeue_request(trainer.is_global_zero)  # exits the process
+    finally:
+        if requeue is not None:
+            requeue.uninstall()
     # Make sure last.ckpt holds the final state even when max_steps ended mid-interval.
     trainer.save_checkpoint(run_dir / LAST_CKPT)
     return trainer
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def ddp_gradient_hooks_off(trainer: pl.Trainer):
+    """Inside, DDP's gradient hooks do nothing: for manual optimisation steps that average gradients themselves
+    with `all_reduce_gradients`. DDP's reducer expects one backward per forward reaching every parameter; a GAN
+    step runs two backward passes over one graph, each into a subset of the parameters, and leaves it waiting
+    for gradients that never come. Wrap the whole training step: Lightning re-arms the hooks after each forward."""
+    model = trainer.strategy.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def all_reduce_gradients(params) -> None:
+    """Average the gradients of `params` over all ranks in one flat all-reduce; nothing on a single process.
+    Call it on every rank after backward and before clipping (so clipping sees the global gradient), with DDP's
+    own hooks off (`ddp_gradient_hooks_off`). A missing gradient counts as zero, so every rank reduces the same
+    layout."""
+    world = _world_size()
+    if world == 1:
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view(p.grad.shape))
+        offset += n
+
+
+def mean_over_unique_cases(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over distinct cases, gathered from every rank.
+
+    Under DDP Lightning's validation sampler repeats cases so that all ranks get as many batches; keyed by case
+    id, a repeated case is counted once. Every rank must call this (it is a collective) and gets the same result.
+    `per_case` maps a case id to its metrics, e.g. {"case007": {"l1": 0.05, "psnr": 31.2}}."""
+    merged = dict(per_case)
+    if _world_size() > 1:
+        gathered: list = [None] * _world_size()
+        dist.all_gather_object(gathered, per_case)
+        for rank_cases in gathered:
+            merged.update(rank_cases)
+    names = sorted({name for metrics in merged.values() for name in metrics})
+    return {
+        name: float(np.mean([metrics[name] for metrics in merged.values() if name in metrics])) for name in names
+    }
 
 
 def _to_display(array: np.ndarray) -> np.ndarray:

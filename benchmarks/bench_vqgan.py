@@ -1,0 +1,218 @@
+"""Stage-1 training and inference speed and memory.
+
+    prlimit --as=8000000000 python -m benchmarks.bench_vqgan --config paper --device cpu --steps 5 --crop 64 64 32
+    python -m benchmarks.bench_vqgan --config demo --device cuda --steps 20
+
+Runs full training iterations (generator step + discriminator step, GAN losses on from the first step) of the
+model settings of `config/model/vqgan.yaml` (`paper`) or of `experiment=demo` (`demo`), with the same step
+functions the LightningModule uses, and prints per-iteration generator and discriminator time (median after one
+warm-up iteration), voxels per second, peak memory (process peak RSS; CUDA peak allocated), and the time to encode
+and decode one volume. On CPU at the paper settings with a 64x64x32 crop it also prints the ratio to the
+published Med-LSDM code measured on a 2-core CPU (12.9 s per iteration, 2.2 GiB peak RSS).
+
+`--perceptual vgg16` swaps the perceptual backbone for a VGG16-shaped TorchScript network with random weights
+(same cost as the VGG-based LPIPS of the published code; the real weights cannot be downloaded here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from vq_gan_3d.config import build_loss, build_vqgan  # noqa: E402
+from utils.paths import CONFIG_DIR  # noqa: E402
+from vq_gan_3d.training import (  # noqa: E402
+    StageTimer,
+    set_malloc_mmap_threshold,
+    to_channels_last_3d,
+    training_iteration,
+)
+
+# Published Med-LSDM VQ-GAN, paper model settings, 64x64x32 crop, batch 2, 2-core CPU (issue 4).
+BASELINE = {"crop": [64, 64, 32], "batch": 2, "iteration_s": 12.9, "generator_s": 8.3, "discriminator_s": 4.7,
+            "peak_rss_gib": 2.2}
+PAPER_CROP = [256, 256, 32]
+
+
+def compose_config(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    experiment = ["experiment=demo"] if name == "demo" else []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="vqgan", overrides=experiment + ["model.gan_start_step=0", *overrides])
+
+
+class VGG16Features(nn.Module):
+    """The convolutional part of VGG16, returning the five LPIPS taps (relu1_2 ... relu5_3)."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
+        stages, in_ch = [], 3
+        for i, stage in enumerate(widths):
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if i else []
+            for out_ch in stage:
+                layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU()]
+                in_ch = out_ch
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["paper", "demo"], default="paper")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations after one warm-up iteration")
+    parser.add_argument("--crop", type=int, nargs=3, default=None,
+                        help="X Y Z (default: 256 256 32 for paper, the demo data set's crop for demo)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--perceptual", choices=["config", "vgg16", "none"], default="config")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    parser.add_argument("--malloc-mmap-threshold-mib", type=int, default=4,
+                        help="as train.train_vqgan sets it (0: keep glibc's dynamic threshold)")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.channels_last=false")
+    args = parser.parse_args(argv)
+
+    if args.malloc_mmap_threshold_mib > 0:
+        set_malloc_mmap_threshold(args.malloc_mmap_threshold_mib)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    overrides = list(args.override)
+    workdir = tempfile.TemporaryDirectory()
+    if args.perceptual == "vgg16":
+        path = Path(workdir.name) / "vgg16_features.pt"
+        torch.jit.save(torch.jit.script(VGG16Features().eval()), str(path))
+        overrides += ["model.perceptual_backbone=torchscript", f"model.perceptual_path={path}"]
+    elif args.perceptual == "none":
+        overrides += ["model.perceptual_weight=0"]
+    cfg = compose_config(args.config, overrides)
+    crop = list(args.crop) if args.crop else (PAPER_CROP if args.config == "paper" else list(cfg.dataset.crop_size))
+    m = cfg.model
+
+    torch.manual_seed(0)
+    vqgan = build_vqgan(m, int(cfg.dataset.label_nc)).to(device)
+    loss = build_loss(m).to(device)
+    channels_last = bool(m.channels_last)
+    if channels_last:
+        to_channels_last_3d(vqgan)
+        to_channels_last_3d(loss)
+    if args.compile:
+        vqgan.encoder = torch.compile(vqgan.encoder)
+        vqgan.decoder = torch.compile(vqgan.decoder)
+    betas = tuple(float(b) for b in m.betas)
+    opt_g = torch.optim.Adam(vqgan.parameters(), lr=float(m.lr), betas=betas)
+    disc_params = [p for d in loss.discriminators() for p in d.parameters()]
+    opt_d = torch.optim.Adam(disc_params, lr=float(m.disc_lr), betas=betas) if disc_params else None
+
+    gen = torch.Generator().manual_seed(0)
+    image = (torch.rand(args.batch, 1, *crop, generator=gen) * 2 - 1).to(device)
+    label = torch.randint(0, int(cfg.dataset.label_nc), (args.batch, 1, *crop), generator=gen).to(device)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
+
+    g_times, d_times, cpu_times = [], [], []
+    for step in range(args.steps + 1):
+        timer = StageTimer(device)
+        cpu0 = time.process_time()
+        with autocast:
+            training_iteration(vqgan=vqgan, loss=loss, opt_g=opt_g, opt_d=opt_d, image=image, label=label,
+                               step=step, generator=torch.Generator().manual_seed(step), grad_clip=float(m.grad_clip),
+                               timer=timer)
+        g_s, d_s = timer.seconds.get("generator", 0.0), timer.seconds.get("discriminator", 0.0)
+        if step > 0:  # the first iteration pays one-off costs (allocations, kernel selection, codebook init)
+            g_times.append(g_s)
+            d_times.append(d_s)
+            cpu_times.append(time.process_time() - cpu0)
+        print(f"iteration {step}{' (warm-up)' if step == 0 else ''}: generator {g_s:.3f} s, "
+              f"discriminator {d_s:.3f} s, CPU time {time.process_time() - cpu0:.2f} s", flush=True)
+
+    vqgan.eval()
+    one = image[:1]
+    enc_times, dec_times = [], []
+    with torch.no_grad(), autocast:
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            z = vqgan.encode(one)
+            sync(device)
+            t1 = time.perf_counter()
+            vqgan.decode(z, label[:1] if vqgan.is_spade else None)
+            sync(device)
+            t2 = time.perf_counter()
+            enc_times.append(t1 - t0)
+            dec_times.append(t2 - t1)
+
+    g, d = median(g_times), median(d_times)
+    voxels = args.batch * crop[0] * crop[1] * crop[2]
+    result = {
+        "config": args.config, "device": args.device, "threads": torch.get_num_threads(), "crop": crop,
+        "batch": args.batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.perceptual_backbone),
+        "channels_last": channels_last, "gradient_checkpointing": bool(m.gradient_checkpointing),
+        "slices_per_volume": int(m.slices_per_volume), "compile": args.compile,
+        "malloc_mmap_threshold_mib": args.malloc_mmap_threshold_mib,
+        "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": voxels / (g + d),
+        "encode_one_volume_s": min(enc_times), "decode_one_volume_s": min(dec_times),
+        "peak_rss_gib": rss_gib(),
+        # CPU seconds of this process per iteration (all threads): less sensitive than wall time to other
+        # processes sharing the cores; about threads x wall time on an idle machine.
+        "cpu_s_per_iteration": median(cpu_times),
+    }
+    if device.type == "cuda":
+        result["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["gpu"] = torch.cuda.get_device_name()
+    if args.config == "paper" and device.type == "cpu" and crop == BASELINE["crop"] and args.batch == BASELINE["batch"]:
+        result["speedup_vs_published"] = BASELINE["iteration_s"] / result["iteration_s"]
+        result["peak_rss_fraction_of_published"] = result["peak_rss_gib"] / BASELINE["peak_rss_gib"]
+    print(f"per iteration: generator {g:.3f} s + discriminator {d:.3f} s = {g + d:.3f} s; "
+          f"{result['voxels_per_s']:.0f} voxels/s; peak RSS {result['peak_rss_gib']:.2f} GiB"
+          + (f"; CUDA peak {result['cuda_peak_allocated_gib']:.2f} GiB" if "cuda_peak_allocated_gib" in result else ""))
+    print(f"one volume {crop}: encode {result['encode_one_volume_s']:.3f} s, decode {result['decode_one_volume_s']:.3f} s")
+    if "speedup_vs_published" in result:
+        print(f"vs published code (12.9 s, 2.2 GiB): {result['speedup_vs_published']:.2f}x faster, "
+              f"{result['peak_rss_fraction_of_published']:.2f}x the peak memory")
+    print(json.dumps(result))
+    workdir.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

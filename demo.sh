@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded demo data, on this machine (a 2-core CPU is enough):
+#   install -> build + check the demo data -> stage 1 -> stage 2 -> synthesise the held-out test label maps
+#   -> evaluate -> segmentation-based mask fidelity.
+# Everything is written under runs/. Re-running resumes the training runs and regenerates the rest.
+# Extra arguments are Hydra overrides for both training stages, e.g. `bash demo.sh trainer.max_steps=50`.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/install.sh
+export PATH="$PWD/.venv/bin:$PATH"
+export PYTHON="$PWD/.venv/bin/python"
+
+python -m dataset.check dataset=demo
+bash vqgan.sh experiment=demo "$@"
+bash diffusion.sh experiment=demo "$@"
+bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmpp_2m sample:steps=25 \
+    sample:preview=true
+python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
+    split_file=runs/diffusion-demo/split.json synthetic=runs/demo-eval/samples
+echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

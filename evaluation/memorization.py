@@ -1,0 +1,214 @@
+"""python -m evaluation.memorization train=DIR fake=DIR out=DIR
+
+Memorisation audit: for every synthetic volume, the most similar training volume by normalised
+cross-correlation (NCC, both volumes resampled by voxel index to a common grid) and by feature distance.
+A synthetic volume is flagged as a near-copy when its best NCC reaches `threshold` (`auto`: more similar to a
+training volume than any two training volumes are to each other); NCC and feature distance are also put in scale
+as percentiles of the training volumes' own nearest-neighbour values. A volume generated from a training label
+map (`<training stem>_syn<k>`) shares that case's anatomy by construction, so its NCC to it is high by design.
+Privacy check: synthetic NIfTI headers must carry no free-text metadata (descrip, aux_file, intent_name, db_name,
+data_type) and no header extensions; only the names of offending fields are reported, never their content.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from evaluation import figures
+from evaluation.features import MedicalNetFeatures, SegmenterFeatures, WeightsUnavailable, resolve_device
+from evaluation.pairing import list_nifti, refuse_same_data, source_stem
+from evaluation.report import print_summary, skipped, write_csv, write_json
+from evaluation.volumes import load_volume
+from utils.atomic import check_writable
+from utils.errors import UserError, exit_on_user_error
+
+TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name", "data_type")
+THUMBNAIL_SIZE = (16, 16, 16)
+
+
+def resample(volume: np.ndarray, grid) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return F.interpolate(x, size=tuple(int(g) for g in grid), mode="trilinear", align_corners=False)[0, 0]
+
+
+def standardised(volume: np.ndarray, grid) -> np.ndarray:
+    """Flattened volume on `grid`, zero mean and unit norm, so a dot product is the NCC."""
+    v = resample(volume, grid).double().flatten().numpy()
+    v = v - v.mean()
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+def header_metadata(path: Path) -> list[str]:
+    """Names of header fields that carry text or extensions (their values are not returned)."""
+    header = nib.load(str(path)).header
+    found = []
+    for field in TEXT_FIELDS:
+        if field in header:
+            value = np.asarray(header[field]).tobytes().strip(b"\x00 ")
+            if value:
+                found.append(field)
+    if getattr(header, "extensions", None):
+        found.append(f"extensions ({len(header.extensions)})")
+    return found
+
+
+class Featurizer:
+    def __init__(self, cfg, device: torch.device):
+        self.kind = cfg.features
+        if self.kind == "segmenter":
+            self.net = SegmenterFeatures(cfg.segmenter, device=device, domain="native")
+        elif self.kind == "medicalnet":
+            self.net = MedicalNetFeatures(cfg.medicalnet.weights, depth=cfg.medicalnet.depth, device=device)
+        elif self.kind != "thumbnail":
+            raise UserError(f"features={self.kind}: use thumbnail, segmenter or medicalnet")
+
+    def __call__(self, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        if self.kind == "thumbnail":
+            v = resample(volume, THUMBNAIL_SIZE).double().flatten().numpy()
+            return (v - v.mean()) / (v.std() + 1e-8)
+        if self.kind == "segmenter":
+            return self.net(volume, affine)
+        return self.net(volume)
+
+
+def nearest(similarity: np.ndarray, larger_is_closer: bool) -> tuple[np.ndarray, np.ndarray]:
+    index = similarity.argmax(axis=1) if larger_is_closer else similarity.argmin(axis=1)
+    return index, similarity[np.arange(len(index)), index]
+
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.clip(d2, 0.0, None))
+
+
+def leave_one_out(matrix: np.ndarray, larger_is_closer: bool) -> np.ndarray:
+    """Each training volume's best match among the other training volumes."""
+    m = matrix.copy()
+    np.fill_diagonal(m, -np.inf if larger_is_closer else np.inf)
+    return m.max(axis=1) if larger_is_closer else m.min(axis=1)
+
+
+def near_copy_threshold(setting, reference_ncc: np.ndarray | None) -> float:
+    """A number in (0, 1], or `auto`: the highest NCC between a training volume and its nearest other training
+    volume (a synthetic volume above it is closer to a training volume than any two training volumes are)."""
+    if setting == "auto":
+        if reference_ncc is None:
+            raise UserError("threshold=auto needs at least two training volumes; give a number instead")
+        return float(reference_ncc.max())
+    try:
+        value = float(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"threshold={setting}: use auto or a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise UserError(f"threshold={setting}: must be in (0, 1]")
+    return value
+
+
+def run(cfg: DictConfig) -> dict:
+    out = Path(cfg.out)
+    outputs = [out / "memorization.json", out / "per_case.csv", out / "figures" / "nearest_ncc.png"]
+    for path in outputs:
+        check_writable(path, cfg.overwrite)
+    train, fake = list_nifti(cfg.train, "train"), list_nifti(cfg.fake, "fake")
+    refuse_same_data(cfg.train, cfg.fake, train, fake, real_role="train")
+    device = resolve_device(cfg.device)
+    try:
+        featurizer, feature_reason = Featurizer(cfg, device), None
+    except WeightsUnavailable as err:
+        featurizer, feature_reason = None, str(err)
+
+    def describe(paths: dict, role: str):
+        vectors, features = [], []
+        for path in tqdm(paths.values(), desc=f"{role} volumes", unit="file"):
+            volume, affine = load_volume(path)
+            vectors.append(standardised(volume, cfg.grid))
+            if featurizer is not None:
+                features.append(featurizer(volume, affine))
+        return np.stack(vectors), (np.stack(features) if features else None)
+
+    train_vectors, train_features = describe(train, "training")
+    fake_vectors, fake_features = describe(fake, "synthetic")
+    train_names, fake_names = list(train), list(fake)
+    ncc = fake_vectors @ train_vectors.T
+    ncc_index, ncc_best = nearest(ncc, larger_is_closer=True)
+    reference_ncc = reference_distance = None
+    if len(train) > 1:
+        reference_ncc = leave_one_out(train_vectors @ train_vectors.T, larger_is_closer=True)
+    threshold = near_copy_threshold(cfg.threshold, reference_ncc)
+    feature_index = feature_best = None
+    if featurizer is not None:
+        distances = pairwise_distances(fake_features, train_features)
+        feature_index, feature_best = nearest(distances, larger_is_closer=False)
+        if len(train) > 1:
+            reference_distance = leave_one_out(pairwise_distances(train_features, train_features), False)
+
+    rows, flagged = [], []
+    for i, name in enumerate(fake_names):
+        row = {"fake": name, "generated_from_training_label": source_stem(name, train) is not None,
+               "nearest_train_ncc": train_names[ncc_index[i]], "ncc": float(ncc_best[i])}
+        if reference_ncc is not None:
+            row["ncc_percentile"] = float((reference_ncc < ncc_best[i]).mean() * 100)
+        if feature_index is not None:
+            row.update(nearest_train_feature=train_names[feature_index[i]], feature_distance=float(feature_best[i]))
+            if reference_distance is not None:
+                row["feature_distance_percentile"] = float((reference_distance < feature_best[i]).mean() * 100)
+        row["header_metadata"] = ";".join(header_metadata(fake[name]))
+        row["flagged"] = bool(ncc_best[i] >= threshold)
+        if row["flagged"]:
+            flagged.append(name)
+        rows.append(row)
+    header_problems = {row["fake"]: row["header_metadata"].split(";") for row in rows if row["header_metadata"]}
+
+    def reference_stat(values, fn):
+        return None if values is None else float(fn(values))
+
+    results = {
+        "ncc": {"median": float(np.median(ncc_best)), "max": float(ncc_best.max()), "min": float(ncc_best.min()),
+                "threshold": threshold, "threshold_rule": str(cfg.threshold), "n_flagged": len(flagged),
+                "reference_train_nearest_median": reference_stat(reference_ncc, np.median),
+                "reference_train_nearest_max": reference_stat(reference_ncc, np.max)},
+        "feature_distance": skipped(feature_reason) if featurizer is None else {
+            "features": cfg.features, "median": float(np.median(feature_best)), "min": float(feature_best.min()),
+            "reference_train_nearest_min": reference_stat(reference_distance, np.min),
+            "reference_train_nearest_median": reference_stat(reference_distance, np.median)},
+        "flagged": flagged,
+        "header_metadata": {"n_files": len(header_problems), "files": header_problems,
+                            "checked": list(TEXT_FIELDS) + ["extensions"]},
+    }
+    report = {"settings": {"train": str(cfg.train), "fake": str(cfg.fake), "n_train": len(train),
+                           "n_fake": len(fake), "grid": list(cfg.grid), "features": cfg.features,
+                           "ncc": "Pearson correlation of voxels on the common grid",
+                           "percentiles": "per case: % of training volumes whose nearest other training volume "
+                                          "is less similar (100 = more similar than any two training volumes)"},
+              "results": results}
+    write_json(report, outputs[0], cfg.overwrite)
+    write_csv(rows, outputs[1], cfg.overwrite)
+    figures.nearest_neighbour_histogram(ncc_best, reference_ncc, threshold=threshold,
+                                        xlabel="normalised cross-correlation", path=outputs[2],
+                                        overwrite=cfg.overwrite)
+    print_summary(f"memorisation audit: {len(fake)} synthetic vs {len(train)} training -> {out}", {
+        "median best NCC": {"value": results["ncc"]["median"]},
+        f"near-copies (NCC >= {threshold:.4g})": {"value": f"{len(flagged)} {flagged[:5]}"},
+        "feature distance": results["feature_distance"] if featurizer is None else
+        {"value": results["feature_distance"]["median"]},
+        "headers with metadata": {"value": f"{len(header_problems)} {sorted(header_problems)[:5]}"},
+    })
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../config", config_name="memorization")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Distributed training on CPU: 2 processes over gloo, started like the tasks of an srun step (ddp_harness.py),
+through the shared runner train.common.run_training, with the real stage-1 and stage-2 LightningModules.
+
+One pair of processes runs every scenario in turn (the `ddp_results` fixture) and the tests below check what
+each scenario recorded; a scenario that raised reports its traceback to its own tests only.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose
+from ddp_harness import run_tasks
+
+DEMO = ["experiment=demo", "dataset.demo.n_subjects=6", "dataset.spacing=[6.0,6.0,6.0]",
+        "dataset.crop_size=[32,32,16]", "dataset.num_workers=0", "dataset.batch_size=1"]
+VQGAN_TINY = ["model.base_channels=4", "model.channel_mult=[1,1,1]", "model.norm_groups=2", "model.num_codes=32",
+              "model.embedding_dim=4", "model.perceptual_weight=0", "model.disc_channels=4", "model.disc_layers=2",
+              "model.gradient_checkpointing=false", "model.val_image_volumes=0"]
+DIFFUSION_TINY = ["model.unet.base_channels=8", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[]",
+                  "model.unet.head_channels=8", "model.unet.group_width=4", "model.unet.norm_groups=4",
+                  "model.unet.mask_channels=4", "model.unet.mask_hidden_channels=4",
+                  "model.unet.spade_hidden_channels=8", "model.timesteps=50", "model.scale_factor_batches=2",
+                  "model.validation.steps=2", "model.validation.n_volumes=0"]
+
+
+def trainer_settings(*, max_steps, devices=2, val_check_interval=100):
+    return {
+        "accelerator": "cpu", "devices": devices, "num_nodes": 1, "strategy": "ddp" if devices > 1 else "auto",
+        "precision": "32-true", "max_steps": max_steps, "val_check_interval": val_check_interval,
+        "check_val_every_n_epoch": None, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+        "enable_progress_bar": False, "enable_model_summary": False,
+    }
+
+
+def runner_cfg(run_dir, *, max_steps, devices=2, val_check_interval=100):
+    return OmegaConf.create({
+        "train": {"seed": 0, "run_dir": str(run_dir), "resume": "auto", "ckpt_every_n_steps": 1000},
+        "trainer": trainer_settings(max_steps=max_steps, devices=devices, val_check_interval=val_check_interval),
+        "logger": None,
+    })
+
+
+def stage_cfg(config_name, overrides, run_dir, *, max_steps, devices=2, val_check_interval=100, resume="auto"):
+    """A real top-level config (vqgan.yaml / diffusion.yaml) with the trainer set for this test."""
+    cfg = compose(config_name, [*DEMO, *overrides, f"train.run_dir={run_dir}", f"train.resume={resume}",
+                                "logger=csv"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.trainer = trainer_settings(max_steps=max_steps, devices=devices, val_check_interval=val_check_interval)
+    return cfg
+
+
+def fingerprint(tensors) -> str:
+    """Exact identity of a list of tensors."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def codebook_state(lit) -> dict:
+    q = lit.vqgan.quantizer
+    return {name: getattr(q, name).tolist() for name in ("embedding", "cluster_size", "embed_sum", "num_updates")}
+
+
+def check(result):
+    """A scenario's result, or the failure with the traceback it recorded."""
+    if "error" in result:
+        pytest.fail(result["error"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Requeue: a signal seen by one rank stops every rank at the same step, with one checkpoint and one requeue.
+
+class Regression(pl.LightningModule):
+    monitor = "val/loss"
+
+    def __init__(self, signal_rank: int | None = None, signal_step: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.signal_rank, self.signal_step = signal_rank, signal_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == self.signal_rank and self.global_step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return ((batch - self.weight) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", ((batch["value"] - self.weight) ** 2).mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class RegressionData(pl.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(torch.randn(16, 3, generator=g) + 2.0, batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(CaseValues(3), batch_size=1)
+
+
+class CaseValues(torch.utils.data.Dataset):
+    """Case `i` has the value 10 * i everywhere."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"value": torch.full((3,), 10.0 * i), "case_id": f"case{i}"}
+
+
+def requeue_task(rank, out_dir):
+    from train import common, requeue
+
+    calls = []
+    requeue.requeue_slurm_job = lambda job_id: calls.append(job_id) or True
+    module = Regression(signal_rank=1, signal_step=3)
+    try:
+        common.run_training(runner_cfg(out_dir / "run", max_steps=50), module, RegressionData())
+        code = "returned"
+    except SystemExit as stop:
+        code = stop.code
+    return {"exit": code, "step": module.trainer.global_step, "requeued": calls}
+
+
+def test_a_signal_on_one_rank_stops_all_ranks_at_the_same_step(ddp_results):
+    results = [check(r["requeue"]) for r in ddp_results["ranks"]]
+    assert [r["exit"] for r in results] == [0, 0]
+    # Rank 1 alone got the signal, during step 3; both ranks finished that step and stopped together.
+    assert [r["step"] for r in results] == [4, 4]
+    assert results[0]["requeued"] == ["7001"] and results[1]["requeued"] == []
+    saved = torch.load(ddp_results["dir"] / "requeue" / "run" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation metrics: Lightning's distributed validation sampler pads 3 cases to 4 on 2 ranks by repeating one.
+
+class CaseMetrics(Regression):
+    def on_validation_epoch_start(self):
+        self.per_case = {}
+
+    def validation_step(self, batch, batch_idx):
+        value = batch["value"].mean()
+        self.per_case[batch["case_id"][0]] = {"value": float(value)}
+        self.log("val/naive_value", value, sync_dist=True, batch_size=1)  # the usual pattern, for contrast
+
+    def on_validation_epoch_end(self):
+        from train.common import mean_over_unique_cases
+
+        self.unique_mean = mean_over_unique_cases(self.per_case)["value"]
+
+
+def metrics_task(rank, out_dir):
+    from train import common
+
+    module = CaseMetrics()
+    trainer = common.build_trainer(runner_cfg(out_dir, max_steps=1), module, out_dir)
+    trainer.validate(module, datamodule=RegressionData(), verbose=False)
+    return {
+        "cases": sorted(module.per_case), "unique_mean": module.unique_mean,
+        "naive_mean": float(trainer.callback_metrics["val/naive_value"]),
+    }
+
+
+def test_validation_metrics_count_each_case_once(ddp_results):
+    results = [check(r["metrics"]) for r in ddp_results["ranks"]]
+    seen = [case for r in results for case in r["cases"]]
+    assert sorted(set(seen)) == ["case0", "case1", "case2"] and len(seen) == 4  # one case evaluated twice
+    for r in results:
+        assert r["unique_mean"] == np.mean([0.0, 10.0, 20.0])  # 10: every case once, on every rank
+        assert r["naive_mean"] != r["unique_mean"]  # what a plain sync_dist mean reports instead
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Randomness: each rank draws its own noise (the runner seeds seed + rank), while the weights stay in step.
+
+class Draws(Regression):
+    def training_step(self, batch, batch_idx):
+        self.draws.append(float(torch.rand(())))
+        self.rows.extend(batch[:, 0].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+def seeds_task(rank, out_dir):
+    from train import common
+
+    module = Draws()
+    module.draws, module.rows = [], []
+    # 16 rows, 2 ranks x 2 rows per step: one epoch in 4 steps.
+    common.run_training(runner_cfg(out_dir, max_steps=4), module, RegressionData())
+    return {"draws": module.draws, "rows": module.rows, "weight": module.weight.tolist()}
+
+
+def test_each_rank_draws_its_own_random_numbers_while_the_ranks_partition_the_data(ddp_results):
+    results = [check(r["seeds"]) for r in ddp_results["ranks"]]
+    assert len(results[0]["draws"]) == 4
+    assert results[0]["draws"] != results[1]["draws"]
+    # ...but the shuffling of the training set is common, so the ranks' shards partition it: every row once.
+    all_rows = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))[:, 0] + 2.0
+    assert sorted(results[0]["rows"] + results[1]["rows"]) == pytest.approx(sorted(all_rows.tolist()))
+    assert results[0]["weight"] == results[1]["weight"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1 on the demo data, GAN and dead-code restarts on: every rank ends with the same codebook and weights.
+
+def vqgan_task(rank, out_dir):
+    from dataset.datamodule import VolumeDataModule
+    from train import common
+    from train.lit_vqgan import LitVQGAN
+
+    cfg = stage_cfg("vqgan", [*VQGAN_TINY, "model.gan_start_step=2"], out_dir, max_steps=5, val_check_interval=5)
+    lit = LitVQGAN(cfg)
+    trainer = common.run_training(cfg, lit, VolumeDataModule(cfg.dataset, cfg.train.run_dir))
+    return {"step": trainer.global_step, "codebook": codebook_state(lit),
+            "initialized": bool(lit.vqgan.quantizer.initialized),
+            "weights": fingerprint(lit.parameters()), "val_l1": float(trainer.callback_metrics["val/l1"])}
+
+
+def test_stage1_codebook_and_weights_are_identical_on_every_rank(ddp_results):
+    r0, r1 = (check(r["vqgan"]) for r in ddp_results["ranks"])
+    assert r0["step"] == r1["step"] == 5
+    assert r0["initialized"] and r1["initialized"]
+    assert r0["codebook"] == r1["codebook"]  # exactly: EMA sums reduced over ranks, restarts broadcast
+    assert r0["codebook"]["num_updates"] == 5
+    assert r0["weights"] == r1["weights"]  # autoencoder and both discriminators
+    assert r0["val_l1"] == r1["val_l1"]
+
+
+# Stage 1, 2 processes x 2 crops against 1 process x the same 4 crops, from the same initialised codebook.
+
+class FixedCrops(pl.LightningDataModule):
+    """Four fixed 32x32x16 crops (in order, no shuffling) and one validation crop."""
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(0)
+        smooth = torch.nn.functional.avg_pool3d(torch.randn(5, 1, 36, 36, 20, generator=g), 5, stride=1)
+        self.items = [{"image": torch.tanh(2 * smooth[i]), "label": (smooth[i] > 0).long() + (smooth[i] > 0.3),
+                       "case_id": f"crop{i}"} for i in range(5)]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.items[:4], batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.items[4:], batch_size=1)
+
+
+EQUIVALENCE = [*VQGAN_TINY, "model.gan_start_step=1000", "model.dead_code_threshold=0.0"]
+
+
+def vqgan_equivalence_run(out_dir, *, devices, batch_size, max_steps, resume="auto"):
+    from train import common
+    from train.lit_vqgan import LitVQGAN
+
+    cfg = stage_cfg("vqgan", EQUIVALENCE, out_dir, max_steps=max_steps, devices=devices, resume=resume)
+    pl.seed_everything(0, verbose=False)
+    lit = LitVQGAN(cfg)
+    common.run_training(cfg, lit, FixedCrops(batch_size))
+    return {"weights": [p.detach().double().sum().item() for p in lit.vqgan.parameters()],
+            "codebook": codebook_state(lit)}
+
+
+def vqgan_equivalence_task(rank, out_dir):
+    start = out_dir.parent.parent / "start" / "last.ckpt"
+    return vqgan_equivalence_run(out_dir, devices=2, batch_size=2, max_steps=4, resume=str(start))
+
+
+def test_stage1_two_processes_match_one_process_with_the_same_global_batch(ddp_results):
+    one = ddp_results["single"]
+    for two in (check(r["vqgan_equivalence"]) for r in ddp_results["ranks"]):
+        np.testing.assert_allclose(two["weights"], one["weights"], rtol=1e-4, atol=1e-5)
+        for name in ("embedding", "cluster_size", "embed_sum"):
+            np.testing.assert_allclose(two["codebook"][name], one["codebook"][name], rtol=1e-4, atol=1e-5)
+        assert two["codebook"]["num_updates"] == one["codebook"]["num_updates"] == 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 2: the latent scale factor comes from every rank's latents and is the same everywhere.
+
+def diffusion_task(rank, out_dir):
+    from dataset.datamodule import VolumeDataModule
+    from train import common
+    from train.lit_diffusion import LitDiffusion
+
+    vqgan_ckpt = out_dir.parent.parent / "single" / "last.ckpt"  # the tiny stage 1 trained by the fixture
+    cfg = stage_cfg("diffusion", [*DIFFUSION_TINY, f"model.vqgan_ckpt={vqgan_ckpt}"], out_dir, max_steps=2,
+                    val_check_interval=2)
+    lit = LitDiffusion(cfg)
+    seen = []
+    encode = lit.model.encode_unscaled
+
+    def recording_encode(image):
+        z = encode(image).double()
+        seen.append([float(z.numel()), float(z.sum()), float(z.square().sum())])
+        return encode(image)
+
+    lit.model.encode_unscaled = recording_encode
+    trainer = common.run_training(cfg, lit, VolumeDataModule(cfg.dataset, cfg.train.run_dir))
+    return {"step": trainer.global_step, "scale_factor": float(lit.model.scale_factor),
+            "scale_stats": seen[: int(cfg.model.scale_factor_batches)],
+            "weights": fingerprint(lit.model.unet.parameters()),
+            "ema": fingerprint(lit.model.ema_unet.parameters())}
+
+
+def test_stage2_scale_factor_pools_every_ranks_latents_and_is_identical(ddp_results):
+    r0, r1 = (check(r["diffusion"]) for r in ddp_results["ranks"])
+    assert r0["step"] == r1["step"] == 2
+    assert r0["scale_factor"] == r1["scale_factor"]
+    # 1/std of the latents both ranks encoded, pooled: not of one rank's alone.
+    count, total, squares = np.sum(r0["scale_stats"] + r1["scale_stats"], axis=0)
+    pooled = 1.0 / np.sqrt(squares / count - (total / count) ** 2)
+    assert r0["scale_factor"] == pytest.approx(pooled, rel=1e-6)
+    assert r0["scale_stats"] != r1["scale_stats"]  # the ranks drew different crops
+    assert r0["weights"] == r1["weights"] and r0["ema"] == r1["ema"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling: the tasks of a job split the label maps; each output is written once, as one process writes it.
+
+def test_sampling_splits_label_maps_across_tasks_and_writes_each_output_once(ddp_results, demo_cfg, tmp_path,
+                                                                          monkeypatch):
+    from dataset.layout import find_cases
+    from ddpm import sample
+
+    check(ddp_results["ranks"][0]["diffusion"])
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    cases = find_cases(demo_cfg)[:3]
+    for case in cases:
+        (labels / f"{case.case_id}.nii.gz").symlink_to(case.label_path)
+    stems = sorted(case.case_id for case in cases)
+
+    def task(rank, out):
+        """What task `rank` of a 2-task srun step runs (ddpm.sample reads its share from the Slurm variables)."""
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        cfg = compose("sample", [f"ckpt={ddp_results['dir'] / 'diffusion' / 'last.ckpt'}", f"labels={labels}",
+                                 f"out={out}", "sampler=ddim", "steps=2", "device=cpu"])
+        return sorted(path.name for path in sample.run(cfg))
+
+    # Both tasks write into one folder, as in a job; each reports what it wrote.
+    shares = [task(rank, tmp_path / "out") for rank in range(2)]
+    # Sorted label maps dealt out in turn: task 0 takes the 1st and 3rd, task 1 the 2nd; none twice, none lost.
+    assert shares == [[f"{stems[0]}_syn0.nii.gz", f"{stems[2]}_syn0.nii.gz"], [f"{stems[1]}_syn0.nii.gz"]]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(shares[0] + shares[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+SCENARIOS = {"requeue": requeue_task, "metrics": metrics_task, "seeds": seeds_task,
+             "vqgan_equivalence": vqgan_equivalence_task, "vqgan": vqgan_task, "diffusion": diffusion_task}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory, demo_cfg):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    tasks_dir = out_dir / "tasks"
+    # Stage-1 equivalence: one step from scratch initialises the codebook (rank 0's first batch under DDP, the
+    # whole batch in one process: not comparable); both runs continue from that checkpoint for 3 steps.
+    vqgan_equivalence_run(out_dir / "start", devices=1, batch_size=4, max_steps=1)
+    single = vqgan_equivalence_run(out_dir / "single", devices=1, batch_size=4, max_steps=4,
+                                   resume=str(out_dir / "start" / "last.ckpt"))
+    ranks = run_tasks(SCENARIOS, 2, tasks_dir)
+    return {"dir": tasks_dir, "ranks": ranks, "single": single}

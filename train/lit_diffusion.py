@@ -1,0 +1,127 @@
+"""Stage 2 as a thin LightningModule over `ddpm.latent_diffusion.LatentDiffusion`.
+
+Before the first step of a fresh run, the latent scale factor is computed from `model.scale_factor_batches`
+training batches (summed over DDP ranks); a resumed run keeps the one stored in its checkpoint. The EMA weights
+follow every optimiser step and are the ones validated, sampled and shipped. Checkpoints carry
+`"stage": "diffusion"` and everything `ddpm.checkpoint.load_diffusion` needs to sample without this config.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.checkpoint import STAGE, checkpoint_metadata
+from ddpm.config import build_latent_diffusion
+from ddpm.latent_diffusion import LatentDiffusion, denoising_loss, make_optimizer
+from ddpm.samplers import SamplerSettings
+from train.common import save_image_grid
+from utils.errors import UserError
+from vq_gan_3d.checkpoint import load_vqgan
+
+
+def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
+    """What sampling needs to know about the training data: grid, intensities, classes."""
+    return {"name": str(dataset_cfg.name), "modality": str(dataset_cfg.modality),
+            "label_nc": int(dataset_cfg.label_nc),
+            "class_names": OmegaConf.to_container(dataset_cfg.class_names) if dataset_cfg.class_names else None,
+            "spacing": [float(s) for s in dataset_cfg.spacing], "crop_size": [int(s) for s in dataset_cfg.crop_size],
+            "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True)}
+
+
+def build_model(cfg: DictConfig) -> LatentDiffusion:
+    model = build_latent_diffusion(cfg.model, load_vqgan(cfg.model.vqgan_ckpt), int(cfg.dataset.label_nc))
+    try:
+        model.check_image_size(cfg.dataset.crop_size)
+    except ValueError as err:
+        raise UserError(f"dataset.crop_size: {err}") from None
+    return model
+
+
+class LitDiffusion(pl.LightningModule):
+    monitor = "val/loss"
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.model = build_model(cfg)
+        self.lr = float(cfg.model.lr)
+        self.weight_decay = float(cfg.model.weight_decay)
+        self.scale_factor_batches = int(cfg.model.scale_factor_batches)
+        val = cfg.model.validation
+        self.val_sampler = SamplerSettings(str(val.sampler), int(val.steps), float(val.eta))
+        self.val_guidance_scale = float(val.guidance_scale)
+        self.val_volumes = int(val.n_volumes)
+        self.dataset_info = dataset_settings(cfg.dataset)
+        self.intensity_reference: dict | None = None
+
+    # set-up -------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return make_optimizer(self.model.unet, lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.intensity_reference is None and hasattr(datamodule, "reference_intensity_params"):
+            self.intensity_reference = datamodule.reference_intensity_params()
+        if not self.model.has_scale_factor:  # fresh run; a resumed one restored its buffer already
+            self._fit_scale_factor(datamodule.train_dataloader())
+
+    @torch.no_grad()
+    def _fit_scale_factor(self, loader) -> None:
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # count, sum, sum of squares
+        for i, batch in enumerate(loader):
+            if i >= self.scale_factor_batches:
+                break
+            z = self.model.encode_unscaled(batch["image"].to(self.device)).double()
+            stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64, device=self.device),
+                                  z.sum(), z.square().sum()])
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        count, total, squares = stats.tolist()
+        scale = self.model.set_scale_factor_from(total / count, squares / count)
+        if self.trainer.is_global_zero:
+            print(f"latent scale factor {scale:.5f} (1/std of {int(count)} latent values)", flush=True)
+
+    # training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model.training_loss(batch["image"], batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.model.update_ema(self.global_step)
+
+    # validation ---------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image, label = batch["image"], batch["label"]
+        # Same timesteps and noise at every validation, so the curve compares weights, not draws.
+        generator = torch.Generator().manual_seed(batch_idx)
+        loss = denoising_loss(self.model.ema_unet, self.model.schedule, self.model.encode(image), label,
+                              loss=self.model.loss_kind, cond_drop_prob=0.0, generator=generator)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
+        n_logged = batch_idx * int(image.shape[0])
+        if n_logged < self.val_volumes:
+            self._log_samples(image[: self.val_volumes - n_logged], label[: self.val_volumes - n_logged],
+                              batch_idx)
+
+    def _log_samples(self, image: torch.Tensor, label: torch.Tensor, batch_idx: int) -> None:
+        synthetic = self.model.synthesize(label, settings=self.val_sampler, guidance_scale=self.val_guidance_scale,
+                                          generator=torch.Generator().manual_seed(batch_idx))
+        rows = []
+        for i in range(image.shape[0]):
+            z = image.shape[-1] // 2
+            rows.append([label[i, 0, :, :, z].float().cpu().numpy(), image[i, 0, :, :, z].float().cpu().numpy(),
+                         synthetic[i, 0, :, :, z].float().cpu().numpy()])
+        save_image_grid(self, f"val/samples_{batch_idx}", rows)
+
+    # checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = STAGE
+        checkpoint["diffusion"] = checkpoint_metadata(self.model, dataset=self.dataset_info,
+                                                      intensity_reference=self.intensity_reference)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get("diffusion") or {}
+        if stored.get("intensity_reference"):
+            self.intensity_reference = dict(stored["intensity_reference"])
+

@@ -1,0 +1,147 @@
+"""Stage 1 as a thin LightningModule over `vq_gan_3d` (networks, losses and the two step functions live there).
+
+Manual optimisation: one generator step (autoencoder) and, once the GAN is on, one discriminator step per batch.
+Lightning counts every `LightningOptimizer.step()` towards `global_step`; the discriminator steps through the
+raw optimizer so that `global_step`, `trainer.max_steps`, `gan_start_step` and checkpoint intervals all count
+iterations. Checkpoints carry `"stage": "vqgan"` and what `vq_gan_3d.checkpoint.load_vqgan` needs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.metrics import gaussian_kernel_1d, psnr, ssim3d
+from train.common import mean_over_unique_cases, save_image_grid
+from vq_gan_3d.checkpoint import STAGE, checkpoint_metadata
+from vq_gan_3d.config import build_loss, build_vqgan
+from vq_gan_3d.training import to_channels_last_3d, training_iteration
+
+
+def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
+    """What encoding and reconstruction need to know about the training data: grid, intensities, classes."""
+    return {"name": str(dataset_cfg.name), "modality": str(dataset_cfg.modality),
+            "label_nc": int(dataset_cfg.label_nc), "spacing": [float(s) for s in dataset_cfg.spacing],
+            "crop_size": [int(s) for s in dataset_cfg.crop_size],
+            "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True)}
+
+
+def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, X, Y, Z), edges replicated: the "blurred copy" reference that a
+    reconstruction must beat."""
+    radius = max(1, int(round(3 * sigma)))
+    kernel = gaussian_kernel_1d(2 * radius + 1, sigma).to(volume)
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        volume = F.conv3d(F.pad(volume, pad, mode="replicate"), kernel.view(1, 1, *shape))
+    return volume
+
+
+class LitVQGAN(pl.LightningModule):
+    # Validation metrics are on the normalised range [-1, 1]: PSNR and SSIM use a data range of 2.
+    monitor = "val/l1"
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.automatic_optimization = False
+        m = cfg.model
+        self.vqgan = build_vqgan(m, int(cfg.dataset.label_nc))
+        self.loss = build_loss(m)
+        self.channels_last = bool(m.channels_last)
+        if self.channels_last:
+            to_channels_last_3d(self)
+        self.lr, self.disc_lr = float(m.lr), float(m.disc_lr)
+        self.betas = tuple(float(b) for b in m.betas)
+        self.grad_clip = float(m.grad_clip)
+        self.val_image_volumes = int(m.val_image_volumes)
+        self.seed = int(cfg.train.seed)
+        self.dataset_info = dataset_settings(cfg.dataset)
+        self.intensity_reference: dict | None = None
+        self._val_metrics: dict[str, dict[str, float]] = {}
+
+    # set-up -------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_g = torch.optim.Adam(self.vqgan.parameters(), lr=self.lr, betas=self.betas)
+        disc_params = [p for d in self.loss.discriminators() for p in d.parameters()]
+        if not disc_params:
+            return opt_g
+        return [opt_g, torch.optim.Adam(disc_params, lr=self.disc_lr, betas=self.betas)]
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.intensity_reference is None and hasattr(datamodule, "reference_intensity_params"):
+            self.intensity_reference = datamodule.reference_intensity_params()
+
+    def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = batch["image"], batch["label"]
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        return image, label
+
+    # training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        image, label = self._prepare(batch)
+        optimizers = self.optimizers()
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        step = self.global_step
+        # Slice choices depend only on (seed, step, rank): identical after a resume, distinct across ranks.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + self.global_rank)
+        logs = training_iteration(vqgan=self.vqgan, loss=self.loss, opt_g=opt_g,
+                                  opt_d=opt_d.optimizer if opt_d is not None else None, image=image, label=label,
+                                  step=step, generator=generator, grad_clip=self.grad_clip,
+                                  backward=self.manual_backward)
+        batch_size = image.shape[0]
+        shown = ("train/g_loss", "train/l1")
+        self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=batch_size)
+        self.log_dict({k: logs[k] for k in shown}, prog_bar=True, batch_size=batch_size)
+
+    # validation ---------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_metrics = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image, label = self._prepare(batch)
+        recon, _ = self.vqgan(image, label if self.vqgan.is_spade else None)
+        recon = recon.float().clamp(-1, 1)
+        blurred = gaussian_blur(image.float(), sigma=1.0)
+        for i, case_id in enumerate(batch["case_id"]):
+            real, fake = image[i, 0].float().cpu(), recon[i, 0].cpu()
+            self._val_metrics[case_id] = {
+                "l1": float(F.l1_loss(fake, real)),
+                "psnr_range2": psnr(real, fake, data_range=2.0),
+                "ssim_range2": ssim3d(real, fake, data_range=2.0),
+                "psnr_range2_blur1": psnr(real, blurred[i, 0].cpu(), data_range=2.0),
+                "ssim_range2_blur1": ssim3d(real, blurred[i, 0].cpu(), data_range=2.0),
+            }
+        n_logged = batch_idx * int(image.shape[0])
+        if n_logged < self.val_image_volumes:
+            rows = []
+            for i in range(min(image.shape[0], self.val_image_volumes - n_logged)):
+                z = image.shape[-1] // 2
+                rows.append([image[i, 0, :, :, z].float().cpu().numpy(), recon[i, 0, :, :, z].cpu().numpy(),
+                             label[i, 0, :, :, z].float().cpu().numpy()])
+            save_image_grid(self, f"val/reconstruction_{batch_idx}", rows)
+
+    def on_validation_epoch_end(self) -> None:
+        means = mean_over_unique_cases(self._val_metrics)
+        for name, value in means.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("l1", "psnr_range2"))
+
+    # checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["stage"] = STAGE
+        checkpoint["vqgan"] = checkpoint_metadata(self.vqgan, dataset=self.dataset_info,
+                                                  intensity_reference=self.intensity_reference)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = checkpoint.get("vqgan") or {}
+        if stored.get("intensity_reference"):
+            self.intensity_reference = dict(stored["intensity_reference"])
+
+
