@@ -213,8 +213,12 @@ class SegmenterFeatures:
                 "segmenter.weights=<out>/segmenter.pt"
             )
         saved = load_segmenter_file(path)
-        self.net = build_segmenter(saved["network"])
-        self.net.load_state_dict(saved["state_dict"])
+        try:
+            self.net = build_segmenter(saved["network"])
+            self.net.load_state_dict(saved["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise WeightsUnavailable(f"{path}: segmenter file is incomplete or inconsistent ({type(err).__name__})") \
+                from None
         self.net = self.net.to(device).eval()
         self.spacing = [float(s) for s in saved["spacing"]]
         self.intensity = saved["intensity"]

@@ -109,13 +109,15 @@ def test_evaluate_end_to_end(folders, tmp_path):
 
 
 def test_identical_values_inside_the_foreground(folders, tmp_path):
-    """Same voxel values (different bytes on disk): SSIM = MS-SSIM = 1, PSNR written as "inf"."""
+    """Same voxel values (different bytes on disk): SSIM = MS-SSIM = 1, PSNR written as "inf", FID 0."""
     out = tmp_path / "same"
     cfg = config([f"real={folders / 'real'}", f"fake={folders / 'same'}", f"labels={folders / 'labels'}",
                   f"out={out}", "domain=native", "data_range=2000", "foreground_only=true",
-                  "metrics=[ssim,ms_ssim,psnr,mae,diversity,fid_3d_segmenter]"])
+                  f"inception.weights={folders / 'inception.pt'}", "inception.slices_per_axis=2",
+                  "metrics=[ssim,ms_ssim,psnr,mae,diversity,fid_3d_segmenter,fid_2d]"])
     run(cfg)
     results = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert results["fid_2d"]["value"] == pytest.approx(0.0, abs=1e-6)
     assert results["ssim"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert results["ms_ssim"]["value"] == pytest.approx(1.0, abs=1e-9)
     assert results["psnr"]["value"] == "inf" and results["mae"]["value"] == 0.0

@@ -167,8 +167,8 @@ def test_mmd_identical_and_gaussian_closed_form():
     # E k(x, y) with x - y ~ N(delta, 2 s^2 I) for the kernel exp(-|z|^2 / (2 width^2))
     factor = (width**2 / (width**2 + 2 * s**2)) ** (dim / 2)
     expected = 2 * factor * (1 - np.exp(-np.sum(delta**2) / (2 * (width**2 + 2 * s**2))))
-    a = rng.normal(size=(3000, dim)) * s
-    b = rng.normal(size=(3000, dim)) * s + delta
+    a = rng.normal(size=(1500, dim)) * s
+    b = rng.normal(size=(1500, dim)) * s + delta
     assert metrics.mmd_squared(a, b, bandwidth=width) == pytest.approx(expected, abs=0.01)
     assert metrics.median_bandwidth(a, b) > 0
 
