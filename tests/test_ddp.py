@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,6 +330,37 @@ def test_stage2_scale_factor_pools_every_ranks_latents_and_is_identical(ddp_resu
     assert r0["weights"] == r1["weights"] and r0["ema"] == r1["ema"]
 
 
+# Stage-2 validation on 3 cases: 2 ranks (Lightning pads the cases to 4) must report what 1 process reports.
+
+def diffusion_validation(out_dir, devices):
+    from dataset.datamodule import VolumeDataModule
+    from train import common
+    from train.lit_diffusion import LitDiffusion
+
+    tasks_dir = out_dir.parent if devices > 1 else out_dir.parent / "tasks"
+    vqgan_ckpt = tasks_dir.parent / "single" / "last.ckpt"
+    cfg = stage_cfg("diffusion", [*DIFFUSION_TINY, f"model.vqgan_ckpt={vqgan_ckpt}",
+                                  "dataset.split.val_fraction=0.5"], out_dir, max_steps=1, devices=devices)
+    lit = LitDiffusion(cfg)
+    trainer = common.build_trainer(cfg, lit, out_dir)
+    datamodule = VolumeDataModule(cfg.dataset, cfg.train.run_dir)
+    trainer.validate(lit, datamodule=datamodule, ckpt_path=str(tasks_dir / "diffusion" / "last.ckpt"),
+                     verbose=False)
+    return {"val_loss": float(trainer.callback_metrics["val/loss"]), "n_val": len(datamodule.val_cases)}
+
+
+def diffusion_validation_task(rank, out_dir):
+    return diffusion_validation(out_dir, devices=2)
+
+
+def test_stage2_validation_loss_does_not_depend_on_the_number_of_ranks(ddp_results):
+    check(ddp_results["ranks"][0]["diffusion"])
+    one = ddp_results["single_validation"]
+    assert one["n_val"] == 3
+    for two in (check(r["diffusion_validation"]) for r in ddp_results["ranks"]):
+        assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sampling: the tasks of a job split the label maps; each output is written once, as one process writes it.
 
@@ -362,10 +392,26 @@ def test_sampling_splits_label_maps_across_tasks_and_writes_each_output_once(ddp
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == sorted(shares[0] + shares[1])
 
 
+def test_sampling_tasks_on_one_node_use_one_gpu_each(monkeypatch):
+    """With 4 tasks on a 4-GPU node each task sees all 4 GPUs; device=auto must pick the task's own."""
+    from ddpm import sample
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for key in ("SLURM_LOCALID", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    alone = sample.resolve_device("auto")
+    assert alone.type == "cuda" and alone.index in (None, 0)
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert sample.resolve_device("auto") == torch.device("cuda", 2)
+    assert sample.resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit choice stays
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 SCENARIOS = {"requeue": requeue_task, "metrics": metrics_task, "seeds": seeds_task,
-             "vqgan_equivalence": vqgan_equivalence_task, "vqgan": vqgan_task, "diffusion": diffusion_task}
+             "vqgan_equivalence": vqgan_equivalence_task, "vqgan": vqgan_task, "diffusion": diffusion_task,
+             "diffusion_validation": diffusion_validation_task}
 
 
 @pytest.fixture(scope="module")
@@ -378,4 +424,7 @@ def ddp_results(tmp_path_factory, demo_cfg):
     single = vqgan_equivalence_run(out_dir / "single", devices=1, batch_size=4, max_steps=4,
                                    resume=str(out_dir / "start" / "last.ckpt"))
     ranks = run_tasks(SCENARIOS, 2, tasks_dir)
-    return {"dir": tasks_dir, "ranks": ranks, "single": single}
+    single_validation = None
+    if "error" not in ranks[0]["diffusion"]:
+        single_validation = diffusion_validation(out_dir / "single_validation", devices=1)
+    return {"dir": tasks_dir, "ranks": ranks, "single": single, "single_validation": single_validation}

@@ -148,6 +148,9 @@ def test_requeue_on_usr1_resumes_and_continues_the_step_count(slurm, submit_dir)
                  "trainer.val_check_interval=1000", "train.ckpt_every_n_steps=2")
     run_dir = submit_dir / "runs" / f"vqgan-demo-{job}"
     log = submit_dir / "logs" / f"vqgan-{job}.out"
+    # A job that needs this one to succeed (as stage 2 needs stage 1) waits through the requeue.
+    dependant = sbatch(submit_dir, f"--dependency=afterok:{job}", "--output=dependant.out",
+                       "--wrap=echo dependant ran")
 
     # Signal once training is under way (a checkpoint exists), as Slurm does 90 s before the time limit.
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -161,8 +164,10 @@ def test_requeue_on_usr1_resumes_and_continues_the_step_count(slurm, submit_dir)
     # may start again; let it start now.
     wait_for(job, log=log, until=lambda state: state == "PENDING")
     assert job_state(job)[1] == "BeginTime"
+    assert job_state(dependant) == ("PENDING", "Dependency")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    assert wait_for(job, log=log) == ["COMPLETED"], read(log)
+    assert wait_for(job, dependant, log=log) == ["COMPLETED", "COMPLETED"], read(log)
+    assert read(submit_dir / "dependant.out").strip() == "dependant ran"
 
     text = read(log)
     saved = re.search(r"requeue: saved (\S+) at step (\d+)", text)

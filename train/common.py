@@ -2,7 +2,6 @@
 and the middle-slice image logged at every validation."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -146,42 +145,6 @@ def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def ddp_gradient_hooks_off(trainer: pl.Trainer):
-    """Inside, DDP's gradient hooks do nothing: for manual optimisation steps that average gradients themselves
-    with `all_reduce_gradients`. DDP's reducer expects one backward per forward reaching every parameter; a GAN
-    step runs two backward passes over one graph, each into a subset of the parameters, and leaves it waiting
-    for gradients that never come. Wrap the whole training step: Lightning re-arms the hooks after each forward."""
-    model = trainer.strategy.model
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    else:
-        yield
-
-
-def all_reduce_gradients(params) -> None:
-    """Average the gradients of `params` over all ranks in one flat all-reduce; nothing on a single process.
-    Call it on every rank after backward and before clipping (so clipping sees the global gradient), with DDP's
-    own hooks off (`ddp_gradient_hooks_off`). A missing gradient counts as zero, so every rank reduces the same
-    layout."""
-    world = _world_size()
-    if world == 1:
-        return
-    params = list(params)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view(p.grad.shape))
-        offset += n
 
 
 def mean_over_unique_cases(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
