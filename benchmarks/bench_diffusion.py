@@ -98,12 +98,14 @@ def run_child(spec: dict) -> dict:
 
     from ddpm.latent_diffusion import denoising_loss, make_optimizer
     from ddpm.samplers import SamplerSettings
+    from ddpm.synthesis import estimate_bytes
     from vq_gan_3d.training import set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold()  # as the training and sampling entry points do
     device = torch.device(spec["device"])
     imported_gib = peak_gib(device) if device.type == "cpu" else 0.0
     model, cfg, label_nc = build(spec["config"], device, spec["overrides"])
+    built_gib = peak_gib(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
     image_shape = spec["image"]
@@ -124,7 +126,8 @@ def run_child(spec: dict) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             with autocast:
                 loss = denoising_loss(model.unet, model.schedule, x0, label, loss=model.loss_kind,
-                                      cond_drop_prob=model.cond_drop_prob, generator=torch.Generator().manual_seed(step))
+                                      cond_drop_prob=model.cond_drop_prob,
+                                      generator=torch.Generator().manual_seed(step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,6 +161,8 @@ def run_child(spec: dict) -> dict:
                 sync(device)
                 runs.append((t1 - t0, time.perf_counter() - t1))
         sample_s, decode_s = runs[-1]
+        # what ddpm.sample would estimate for this volume (it refuses volumes whose estimate exceeds free memory)
+        result["estimated_gib"] = built_gib + estimate_bytes(model, image_shape, GUIDANCE) / 2**30
         result.update(sampler=spec["sampler"], steps=spec["steps"], guidance_scale=GUIDANCE, sample_s=sample_s,
                       decode_s=decode_s, volume_s=sample_s + decode_s, guided_step_s=sample_s / spec["steps"])
     result.setdefault("peak_gib", peak_gib(device))
@@ -203,7 +208,8 @@ def describe(result: dict) -> str:
         return text
     text = (f"synthesis {result['image']} {result['sampler']} {result['steps']} steps, guidance {GUIDANCE}: "
             f"{result['volume_s']:.2f} s (sampling {result['sample_s']:.2f} s = {result['guided_step_s']:.3f} s/step, "
-            f"decode {result['decode_s']:.2f} s), peak {result['peak_gib']:.2f} GiB")
+            f"decode {result['decode_s']:.2f} s), peak {result['peak_gib']:.2f} GiB (ddpm.sample's estimate "
+            f"{result['estimated_gib']:.2f} GiB)")
     if "speedup_vs_published_500_steps" in result:
         text += (f" | vs published 500 x 1.1 s: {result['speedup_vs_published_500_steps']:.0f}x faster "
                  f"(per step {result['step_speedup_vs_published']:.1f}x)")
@@ -228,12 +234,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     wanted = set(args.cases or [*TRAIN_CASES, "sample"])
-    specs = [{"name": name, "kind": "train", "config": args.config, "device": args.device, "image": image,
-              "batch": batch, "steps": args.steps, "overrides": args.override} for name, (image, batch) in TRAIN_CASES.items() if name in wanted]
+    common = {"config": args.config, "device": args.device, "overrides": args.override}
+    specs = [{**common, "name": name, "kind": "train", "image": image, "batch": batch, "steps": args.steps}
+             for name, (image, batch) in TRAIN_CASES.items() if name in wanted]
     if "sample" in wanted:
-        specs += [{"name": f"sample_{sampler}_{steps}_{image[0]}", "kind": "sample", "config": args.config,
-                   "device": args.device, "image": image, "batch": 1, "sampler": sampler, "steps": steps,
-                   "warmup": args.device == "cuda", "overrides": args.override} for image, sampler, steps in SAMPLE_CASES]
+        specs += [{**common, "name": f"sample_{sampler}_{steps}_{image[0]}", "kind": "sample", "image": image,
+                   "batch": 1, "sampler": sampler, "steps": steps, "warmup": args.device == "cuda"}
+                  for image, sampler, steps in SAMPLE_CASES]
     print(f"stage-2 benchmark: config {args.config} {' '.join(args.override)}, device {args.device}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []

@@ -2,7 +2,7 @@
 and the latent scale factor, with the training loss and label-to-image synthesis.
 
 The diffusion runs on `scale_factor * vqgan.encode(image)` (the continuous latent before quantisation), scaled to
-unit variance. `scale_factor` is a buffer, 1/std of training latents, set once by `fit_scale_factor` and saved
+unit variance. `scale_factor` is a buffer, 1/std of training latents, set once by `set_scale_factor_from` and saved
 with the weights, so sampling never depends on anyone remembering it. Decoding divides it out again and lets the
 VQ-GAN quantise and decode.
 """
@@ -12,7 +12,6 @@ import copy
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddpm.conditioning import Condition, drop_labels
@@ -31,11 +30,18 @@ def denoising_loss(unet: UNet3D, schedule: DiffusionSchedule, x0: torch.Tensor, 
     source = generator.device if generator is not None else x0.device
     t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source).to(x0.device)
     noise = gaussian(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = schedule.q_sample(x0, t, noise)
     label = drop_labels(label, unet.label_nc, cond_drop_prob, generator=generator)
+    return per_sample_loss(unet, schedule, x0, label, t, noise, loss=loss).mean()
+
+
+def per_sample_loss(unet: UNet3D, schedule: DiffusionSchedule, x0: torch.Tensor, label: torch.Tensor,
+                    t: torch.Tensor, noise: torch.Tensor, *, loss: str) -> torch.Tensor:
+    """(B,) L1 or L2 error of the prediction at the given timesteps and noise, one value per sample."""
+    x_t = schedule.q_sample(x0, t, noise)
     prediction = unet(x_t, t, unet.condition(label)).float()
     target = schedule.training_target(x0, noise, t).float()
-    return F.l1_loss(prediction, target) if loss == "l1" else F.mse_loss(prediction, target)
+    error = (prediction - target).abs() if loss == "l1" else (prediction - target).square()
+    return error.flatten(1).mean(1)
 
 
 def make_optimizer(unet: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -147,7 +153,7 @@ class LatentDiffusion(nn.Module):
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         if not self.has_scale_factor:
             raise RuntimeError("the latent scale factor is not set: call set_scale_factor_from() first")
-        return self.encode_unscaled(image) * self.scale_factor
+        return self.encode_unscaled(image).float() * self.scale_factor  # diffusion maths in float32
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dataset.crops import unpad
 from dataset.geometry import to_model_grid
-from dataset.io import is_nifti_name, load_nifti, save_nifti, strip_nifti_suffix
+from dataset.io import is_nifti_name, load_nifti, read_header, save_nifti, strip_nifti_suffix
 from ddpm.checkpoint import file_sha256, load_diffusion
 from ddpm.previews import save_overlay_png, save_progress_png, save_slices_gif
 from ddpm.samplers import SamplerSettings
@@ -46,8 +46,15 @@ def output_seed(seed: int, index: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one (with several tasks on a node, the task's own: SLURM_LOCALID or
+    LOCAL_RANK modulo the GPUs it sees), else the CPU; anything else as given."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK"))
+        if local is None:
+            return torch.device("cuda")
+        return torch.device("cuda", int(local) % max(1, torch.cuda.device_count()))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -157,7 +164,7 @@ def prepare_all(cfg: DictConfig, synth: Synthesizer, label_files: list[Path], re
         prepared = synth.prepare(array, affine, str(path))
         synth.check_fits(prepared, guidance)
         if path in real_files:
-            real_shape = load_nifti(real_files[path])[0].shape
+            real_shape = read_header(real_files[path])[0]
             if tuple(real_shape) != tuple(array.shape):
                 raise UserError(f"{real_files[path]}: real image of shape {list(real_shape)} is not on the grid of "
                                 f"label map {path.name} ({list(array.shape)})")

@@ -2,8 +2,9 @@
 
 The samplers know nothing about networks, labels or guidance: whoever calls them wraps the UNet (with its label
 features, guidance, or later a windowed/tiled evaluation) into `denoise`. `t` is passed as a Python int (the
-same timestep for the whole batch). Each sampler visits `steps` timesteps, evenly spaced from T-1 down to 0, and
-its last update goes to the clean end of the chain (alpha_bar = 1), so the result is a sample of x0.
+same timestep for the whole batch). Each sampler visits the `steps` timesteps of `sampling_timesteps` (evenly
+spaced from T-1 down) and its last update goes to the clean end of the chain (alpha_bar = 1), so the result is a
+sample of x0.
 
 - `ddpm`: ancestral sampling from the true posterior q(x_s | x_t, x0_hat) of the (respaced) chain;
 - `ddim`: Song et al. 2021, `eta` = 0 deterministic, `eta` = 1 the same distribution as `ddpm`;

@@ -7,8 +7,9 @@ scaled-dot-product attention) runs after the blocks of the levels listed in `att
 
 Each residual block is `x + mlp(norm(spatial_conv(x)) * (1 + scale(t)) + shift(t))` (a ConvNeXt-style block):
 a grouped 3x3x3 convolution does the spatial mixing, a pointwise MLP the channel mixing. With the paper's widths
-(64 base channels, multipliers 1, 2, 4, 8) full 3x3x3 convolutions would put ~100M parameters in the deep levels;
-this block keeps the 3D receptive field at a tenth of that.
+(64 base channels, multipliers 1, 2, 4, 8) two full 3x3x3 convolutions per block would put ~100M parameters in
+the deep levels (512 channels); this block keeps a 3D receptive field with 14.8M parameters in all
+(`num_res_blocks=1`), which is what lets a training step fit in half the published code's memory.
 
 Conditioning (`decoder`): `spade` makes the norms of the middle and decoder blocks SPADE layers fed the compressed
 label map (encoder blocks keep GroupNorm, they see only the noisy latent); `normal` concatenates the per-voxel
@@ -48,8 +49,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class Pointwise(nn.Module):
-    """1x1x1 convolution as a matrix product over the flattened voxels (no im2col/weight reordering: on CPU
-    this is several times faster than Conv3d with kernel 1 and allocates nothing but its output)."""
+    """1x1x1 convolution as a batched matrix product over the flattened voxels: no weight reordering per call;
+    on CPU as fast as Conv3d with kernel 1 or up to 30% faster (measured on this block's shapes)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -65,9 +66,14 @@ class Pointwise(nn.Module):
         return out.view(b, -1, *spatial)
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is <= at_most (at least 1)."""
+    return next(d for d in range(max(1, min(n, at_most)), 0, -1) if n % d == 0)
+
+
 def grouped_conv(channels: int, group_width: int, stride: int = 1) -> nn.Conv3d:
     """3x3x3 convolution in groups of at least `group_width` channels (the most groups that divide evenly)."""
-    groups = next(g for g in range(max(1, channels // group_width), 0, -1) if channels % g == 0)
+    groups = largest_divisor(channels, channels // group_width)
     return nn.Conv3d(channels, channels, 3, stride=stride, padding=1, groups=groups)
 
 
@@ -121,7 +127,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, *, head_channels: int, norm_groups: int):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        self.heads = largest_divisor(channels, channels // head_channels)
         self.norm = group_norm(channels, norm_groups)
         self.qkv = Pointwise(channels, 3 * channels)
         self.proj = zero_init(Pointwise(channels, channels))

@@ -146,3 +146,18 @@ def test_cli_one_line_error(ckpt, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "lab.nii.gz" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_tasks_of_one_job_split_the_label_maps(monkeypatch, tmp_path):
+    from ddpm.sample import task_share
+
+    files = [tmp_path / f"{i}.nii.gz" for i in range(5)]
+    for name in ("SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert task_share(files) == files
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert task_share(files) == files[1::2]
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "3")  # Slurm's variables win
+    assert task_share(files) == [files[2]]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.checkpoint import load_diffusion
-from ddpm_tiny import TINY_UNET, one_thread, save_tiny_vqgan  # noqa: F401
+from ddpm_tiny import TINY_UNET, one_thread, save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion  # noqa: F401
 from train.common import run_training
 from utils.paths import PROJECT_ROOT
 
@@ -77,15 +77,26 @@ def test_fit_checkpoint_resume_and_sampling_checkpoint(compose_cfg, phantom_root
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
-def test_crop_that_the_networks_cannot_take_is_a_user_error(compose_cfg, phantom_root, tmp_path):
+def test_bad_settings_and_checkpoints_are_user_errors(compose_cfg, phantom_root, tmp_path):
     from train.lit_diffusion import LitDiffusion
     from utils.errors import UserError
 
     vqgan_ckpt = save_tiny_vqgan(tmp_path / "vqgan.ckpt")
-    cfg = diffusion_cfg(compose_cfg, phantom_root, tmp_path / "run", vqgan_ckpt, 2,
-                        extra=["dataset.crop_size=[16,16,6]"])
+
+    def build(*extra, ckpt=vqgan_ckpt):
+        return LitDiffusion(diffusion_cfg(compose_cfg, phantom_root, tmp_path / "run", ckpt, 2, extra=list(extra)))
+
     with pytest.raises(UserError, match="crop_size"):
-        LitDiffusion(cfg)
+        build("dataset.crop_size=[16,16,6]")
+    with pytest.raises(UserError, match="model: .*prediction"):
+        build("model.prediction=score")
+    with pytest.raises(UserError, match="model.validation"):
+        build("model.validation.sampler=euler")
+    with pytest.raises(UserError, match="model.validation.steps"):
+        build("model.validation.steps=51")
+    stage2 = save_tiny_diffusion(tmp_path / "stage2.ckpt", tiny_diffusion())
+    with pytest.raises(UserError, match="stage-2"):
+        build(ckpt=stage2)
 
 
 def test_cli_refuses_a_stage2_or_missing_vqgan_checkpoint(tmp_path):

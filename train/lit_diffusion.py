@@ -7,6 +7,7 @@ follow every optimiser step and are the ones validated, sampled and shipped. Che
 """
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,11 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import STAGE, checkpoint_metadata
 from ddpm.config import build_latent_diffusion
-from ddpm.latent_diffusion import LatentDiffusion, denoising_loss, make_optimizer
-from ddpm.samplers import SamplerSettings
-from train.common import save_image_grid
+from ddpm.latent_diffusion import LatentDiffusion, make_optimizer, per_sample_loss
+from ddpm.samplers import SamplerSettings, gaussian
+from train.common import mean_over_unique_cases, save_image_grid
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import load_vqgan
+
+
+VAL_TIMESTEP_QUANTILES = (0.1, 0.35, 0.6, 0.85)  # fixed timesteps (fractions of T) of the validation loss
+
+
+def case_seed(case_id: str) -> int:
+    return zlib.crc32(case_id.encode())
 
 
 def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
@@ -50,7 +58,13 @@ class LitDiffusion(pl.LightningModule):
         self.weight_decay = float(cfg.model.weight_decay)
         self.scale_factor_batches = int(cfg.model.scale_factor_batches)
         val = cfg.model.validation
-        self.val_sampler = SamplerSettings(str(val.sampler), int(val.steps), float(val.eta))
+        try:
+            self.val_sampler = SamplerSettings(str(val.sampler), int(val.steps), float(val.eta))
+        except ValueError as err:
+            raise UserError(f"model.validation: {err}") from None
+        if not 1 <= self.val_sampler.steps <= self.model.schedule.timesteps:
+            raise UserError(f"model.validation.steps: must be between 1 and model.timesteps "
+                            f"({self.model.schedule.timesteps}), got {self.val_sampler.steps}")
         self.val_guidance_scale = float(val.guidance_scale)
         self.val_volumes = int(val.n_volumes)
         self.dataset_info = dataset_settings(cfg.dataset)
@@ -78,6 +92,8 @@ class LitDiffusion(pl.LightningModule):
                                   z.sum(), z.square().sum()])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         count, total, squares = stats.tolist()
+        if count == 0:
+            raise UserError("model.scale_factor_batches: no training batches to compute the latent scale factor from")
         scale = self.model.set_scale_factor_from(total / count, squares / count)
         if self.trainer.is_global_zero:
             print(f"latent scale factor {scale:.5f} (1/std of {int(count)} latent values)", flush=True)
@@ -92,17 +108,32 @@ class LitDiffusion(pl.LightningModule):
         self.model.update_ema(self.global_step)
 
     # validation ---------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_losses: dict[str, dict[str, float]] = {}
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
-        # Same timesteps and noise at every validation, so the curve compares weights, not draws.
-        generator = torch.Generator().manual_seed(batch_idx)
-        loss = denoising_loss(self.model.ema_unet, self.model.schedule, self.model.encode(image), label,
-                              loss=self.model.loss_kind, cond_drop_prob=0.0, generator=generator)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
+        x0 = self.model.encode(image)
+        # Each case is noised at the same fixed timesteps with noise seeded by its id, so its loss depends neither
+        # on the batch it lands in nor on the number of ranks, and successive validations compare weights only.
+        k = len(VAL_TIMESTEP_QUANTILES)
+        t = torch.tensor([int(q * self.model.schedule.timesteps) for q in VAL_TIMESTEP_QUANTILES] * x0.shape[0],
+                         device=x0.device)
+        noise = torch.stack([gaussian((k, *x0.shape[1:]), generator=torch.Generator().manual_seed(case_seed(c)),
+                                      device=x0.device, dtype=x0.dtype) for c in batch["case_id"]]).flatten(0, 1)
+        losses = per_sample_loss(self.model.ema_unet, self.model.schedule, x0.repeat_interleave(k, 0),
+                                 label.repeat_interleave(k, 0), t, noise, loss=self.model.loss_kind)
+        for case_id, case_losses in zip(batch["case_id"], losses.view(-1, k)):
+            self._val_losses[case_id] = {"loss": float(case_losses.mean())}
         n_logged = batch_idx * int(image.shape[0])
-        if n_logged < self.val_volumes:
+        if n_logged < self.val_volumes and self.trainer.is_global_zero:
             self._log_samples(image[: self.val_volumes - n_logged], label[: self.val_volumes - n_logged],
                               batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        means = mean_over_unique_cases(self._val_losses)  # every rank calls it (a collective)
+        if "loss" in means:
+            self.log("val/loss", means["loss"], prog_bar=True)
 
     def _log_samples(self, image: torch.Tensor, label: torch.Tensor, batch_idx: int) -> None:
         synthetic = self.model.synthesize(label, settings=self.val_sampler, guidance_scale=self.val_guidance_scale,
