@@ -18,7 +18,7 @@ def test_training_and_sampling_cases_report_times_memory_and_ratios():
     train = bench_diffusion.with_ratios(bench_diffusion.run_child({**spec, "name": "train_small", "kind": "train",
                                                                    "steps": 1}))
     assert train["latent"] == [8, 4, 4, 4] and train["step_s"] > 0 and train["encode_batch_s"] > 0
-    assert 0 < train["rss_after_import_gib"] < train["peak_gib"]
+    assert 0 < train["rss_after_import_gib"] <= train["peak_gib"]  # a peak is a running maximum
     assert train["speedup_vs_published"] == pytest.approx(2.05 / train["step_s"])
     assert "vs published" in bench_diffusion.describe(train)
     sample = bench_diffusion.run_child({**spec, "name": "sample", "kind": "sample", "sampler": "dpmpp_2m",
