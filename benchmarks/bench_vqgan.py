@@ -100,12 +100,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="X Y Z (default: 256 256 32 for paper, the demo data set's crop for demo)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--perceptual", choices=["config", "vgg16", "none"], default="config")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: PyTorch's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
     parser.add_argument("--malloc-mmap-threshold-mib", type=int, default=4,
                         help="as train.train_vqgan sets it (0: keep glibc's dynamic threshold)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.channels_last=false")
     args = parser.parse_args(argv)
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.malloc_mmap_threshold_mib > 0:
         set_malloc_mmap_threshold(args.malloc_mmap_threshold_mib)
     device = torch.device(args.device)

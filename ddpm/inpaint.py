@@ -37,10 +37,11 @@ from dataset.geometry import from_model_grid, to_model_grid, voxel_spacing
 from dataset.io import load_nifti, save_nifti, strip_nifti_suffix
 from ddpm.checkpoint import file_sha256, load_diffusion
 from ddpm.inpaint_figure import save_inpaint_png
-from ddpm.repaint import REPAINT_SAMPLERS, partial_grid, repaint
+from ddpm.repaint import REPAINT_SAMPLERS, repaint
+from ddpm.samplers import partial_grid
 from ddpm.sample import resolve_device, versions
 from ddpm.synthesis import Synthesizer
-from ddpm.windowed import checkpoint_window, decode_tiled, encode_tiled, parse_window, unet_window_denoiser
+from ddpm.windowed import encode_tiled, parse_window, unet_window_denoiser
 from utils.atomic import atomic_path, check_writable
 from utils.errors import UserError, exit_on_user_error
 
@@ -57,8 +58,6 @@ class InpaintSettings:
     strength: float = 1.0
     resample: int = 3
     margin_mm: float = 4.0
-    window: Sequence[int] | None = None  # latent voxels; None: the training crop's latent
-    window_overlap: float = 0.25
 
     def check(self, timesteps: int) -> None:
         problems = []
@@ -76,8 +75,6 @@ class InpaintSettings:
             problems.append(f"resample={self.resample}: must be >= 0")
         if not self.margin_mm >= 0:
             problems.append(f"margin_mm={self.margin_mm}: must be >= 0")
-        if not 0 <= self.window_overlap < 1:
-            problems.append(f"window_overlap={self.window_overlap}: must be a fraction in [0, 1)")
         if problems:
             raise UserError(problems[0])
 
@@ -87,7 +84,6 @@ class InpaintResult:
     image: np.ndarray  # the input's grid and dtype, native units
     zone: np.ndarray  # bool, the regenerated zone (region + margin)
     box: tuple[slice, slice, slice]  # the model-grid voxels that went through the networks
-    window: tuple[int, int, int]
 
 
 # inputs -------------------------------------------------------------------------------------------------------
@@ -150,10 +146,10 @@ def blend_back(image: np.ndarray, synthetic: np.ndarray, zone: np.ndarray, weigh
 
 @torch.no_grad()
 def inpaint_volume(synth: Synthesizer, image: np.ndarray, affine: np.ndarray, labels: np.ndarray,
-                   region: np.ndarray, *, settings: InpaintSettings, window: Sequence[int],
-                   generator: torch.Generator, callback=None, names: Sequence[str] = ("image", "labels", "region")
-                   ) -> InpaintResult:
-    """Inpaint `region` of `image` (native units, any grid) following `labels` (same grid)."""
+                   region: np.ndarray, *, settings: InpaintSettings, generator: torch.Generator, callback=None,
+                   names: Sequence[str] = ("image", "labels", "region")) -> InpaintResult:
+    """Inpaint `region` of `image` (native units, any grid) following `labels` (same grid), with the windows
+    of `synth`."""
     model, device = synth.model, synth.device
     factor = model.vqgan.downsample
     zone, weight = region_zone(region, affine, settings.margin_mm, names[2])
@@ -169,28 +165,31 @@ def inpaint_volume(synth: Synthesizer, image: np.ndarray, affine: np.ndarray, la
     latent_shape = [s // f for s, f in zip(padded.shape, factor)]
     unknown = model_zone.reshape(latent_shape[0], factor[0], latent_shape[1], factor[1], latent_shape[2],
                                  factor[2]).any(axis=(1, 3, 5))
-    box = latent_box(unknown, [w // 2 for w in window], model.unet.required_multiple)
+    box = latent_box(unknown, [w // 2 for w in synth.window], model.unet.required_multiple)
     image_box = tuple(slice(b.start * f, b.stop * f) for b, f in zip(box, factor))
 
     image_crop = torch.from_numpy(np.ascontiguousarray(padded[image_box]))[None, None]
-    label_crop = torch.from_numpy(np.ascontiguousarray(prepared.label[image_box]))[None, None]
+    label_crop = synth.label_tensor(prepared)[(..., *image_box)]
     unknown_crop = torch.from_numpy(np.ascontiguousarray(unknown[box]))[None, None].to(device)
-    overlap = settings.window_overlap
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=synth.autocast):
-        known = encode_tiled(model.encode, image_crop, factor=factor, tile=window, overlap=overlap, device=device)
-        denoise = unet_window_denoiser(model.ema_unet, label_crop, window=window, overlap=overlap,
-                                       guidance_scale=settings.guidance_scale)
-        latent = repaint(denoise, known, unknown_crop, model.schedule, sampler=settings.sampler,
-                         steps=settings.steps, eta=settings.eta, strength=settings.strength,
-                         resample=settings.resample, generator=generator, callback=callback)
-        decoded = decode_tiled(model.decode, latent, label_crop if model.vqgan.is_spade else None, factor=factor,
-                               tile=window, overlap=overlap, out_device="cpu")
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=synth.autocast):
+            known = encode_tiled(model.encode, image_crop, factor=factor, tile=synth.window,
+                                 overlap=synth.window_overlap, device=device)
+            denoise = unet_window_denoiser(model.ema_unet, label_crop, window=synth.window,
+                                           overlap=synth.window_overlap, guidance_scale=settings.guidance_scale,
+                                           windows_per_call=synth.windows_per_call)
+            latent = repaint(denoise, known, unknown_crop, model.schedule, sampler=settings.sampler,
+                             steps=settings.steps, eta=settings.eta, strength=settings.strength,
+                             resample=settings.resample, generator=generator, callback=callback)
+            decoded = synth.decode(latent, label_crop)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        raise UserError(f"{names[0]}: ran out of memory while inpainting on {device.type} ({type(err).__name__}); "
+                        f"use a smaller window=[x,y,z] or window_batch=1") from None
     result = padded.copy()
     result[image_box] = decoded[0, 0].clamp(-1, 1).numpy()
     on_grid = from_model_grid(unpad(result, pads), grid_info, is_label=False)
     synthetic = np.asarray(synth.normalizer.inverse(on_grid, params), dtype=np.float32)
-    return InpaintResult(image=blend_back(np.asarray(image), synthetic, zone, weight), zone=zone, box=image_box,
-                         window=tuple(int(w) for w in window))
+    return InpaintResult(image=blend_back(np.asarray(image), synthetic, zone, weight), zone=zone, box=image_box)
 
 
 # the CLI -----------------------------------------------------------------------------------------------------
@@ -203,8 +202,7 @@ def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
 def settings_from(cfg: DictConfig) -> InpaintSettings:
     return InpaintSettings(sampler=str(cfg.sampler), steps=int(cfg.steps), eta=float(cfg.eta),
                            guidance_scale=float(cfg.guidance_scale), strength=float(cfg.strength),
-                           resample=int(cfg.resample), margin_mm=float(cfg.margin_mm),
-                           window=parse_window(cfg.window), window_overlap=float(cfg.window_overlap))
+                           resample=int(cfg.resample), margin_mm=float(cfg.margin_mm))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -224,14 +222,14 @@ def run(cfg: DictConfig) -> Path:
     device = resolve_device(str(cfg.device))
     model, meta = load_diffusion(cfg.ckpt, map_location=device)
     settings.check(model.schedule.timesteps)
-    window = checkpoint_window(settings.window, model, meta)
-    synth = Synthesizer(model, meta, device)
+    synth = Synthesizer(model, meta, device, window=parse_window(cfg.window),
+                        window_overlap=float(cfg.window_overlap), windows_per_call=int(cfg.window_batch))
     generator = torch.Generator().manual_seed(int(cfg.seed))
     steps = len(partial_grid(model.schedule.timesteps, settings.steps, settings.strength))
     started = time.perf_counter()
     with tqdm(total=steps, desc=f"inpainting {paths['image'].name}", unit="step", leave=False) as bar:
         result = inpaint_volume(synth, image, affine, arrays["labels"][0], arrays["region"][0],
-                                settings=settings, window=window, generator=generator,
+                                settings=settings, generator=generator,
                                 callback=lambda *_: bar.update(1),
                                 names=[str(paths[n]) for n in ("image", "labels", "region")])
     seconds = time.perf_counter() - started
@@ -247,7 +245,8 @@ def run(cfg: DictConfig) -> Path:
         "output": outputs["nifti"].name, "image": paths["image"].name, "labels": paths["labels"].name,
         "region": paths["region"].name, "checkpoint": {"file": Path(str(cfg.ckpt)).name,
                                                        "sha256": file_sha256(cfg.ckpt)},
-        **{k: v for k, v in vars(settings).items() if k != "window"}, "window": list(result.window),
+        **vars(settings), "window": list(synth.window), "window_overlap": synth.window_overlap,
+        "window_batch": synth.windows_per_call,
         "seed": int(cfg.seed), "device": device.type, "seconds": round(seconds, 3),
         "region_voxels": int(np.count_nonzero(arrays["region"][0])), "zone_voxels": int(result.zone.sum()),
         "changed_voxels": int(changed.sum()), "changed_outside_zone": int((changed & ~result.zone).sum()),

@@ -49,7 +49,7 @@ def save_panels(path: str | os.PathLike, panels: Sequence[Panel], zone: np.ndarr
     colours = plt.get_cmap(LABEL_COLORMAP)(np.arange(max(label_nc, 1)) % 20)
     colours[0] = (0, 0, 0, 1)
     views = [("axial", lambda v: v[:, :, z], sy / sx), ("coronal", lambda v: v[:, y, :], sz / sx)]
-    fig, axes = plt.subplots(len(views), len(volumes), figsize=(2.6 * len(volumes), 5.2), squeeze=False)
+    fig, axes = plt.subplots(len(views), len(volumes), figsize=(2.6 * len(volumes), 4.6), squeeze=False)
     for col, (name, volume, kind) in enumerate(volumes):
         for row, (view, cut, aspect) in enumerate(views):
             ax = axes[row, col]

@@ -15,19 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from ddpm.samplers import Denoiser, StepCallback, gaussian, sampling_timesteps
+from ddpm.samplers import Denoiser, StepCallback, ddim_update, ddpm_update, gaussian, partial_grid
 from ddpm.schedule import DiffusionSchedule
 
 REPAINT_SAMPLERS = ("ddpm", "ddim")
-
-
-def partial_grid(timesteps: int, steps: int, strength: float) -> list[int]:
-    """The sampler's grid of `steps` timesteps, keeping only those below `strength * timesteps` (at least the
-    last one): strength 1 is the whole grid, 0.5 its lower half."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    grid = sampling_timesteps(timesteps, steps)
-    return [t for t in grid if t < strength * timesteps] or grid[-1:]
 
 
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -36,22 +27,6 @@ def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 def _scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.to(device=like.device, dtype=like.dtype)
-
-
-def reverse_step(schedule: DiffusionSchedule, sampler: str, x_t: torch.Tensor, x0: torch.Tensor,
-                 eps: torch.Tensor, t: int, s: int, *, eta: float, generator: torch.Generator | None
-                 ) -> torch.Tensor:
-    """x_s from x_t and the network's (x0, eps) at t: DDPM's posterior draw or DDIM's update with `eta`
-    (the same formulas as `ddpm.samplers`; s = -1 is the clean end)."""
-    if sampler == "ddpm":
-        mean, variance = schedule.posterior_between(x0, x_t, t, s)
-        return mean + variance.sqrt() * _noise(x_t, generator) if s >= 0 else mean
-    a_t, a_s = schedule.alpha_bar_at(t), schedule.alpha_bar_at(s)
-    sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
-    x_s = _scalar(a_s.sqrt(), x_t) * x0 + _scalar((1 - a_s - sigma**2).clamp(min=0).sqrt(), x_t) * eps
-    if s >= 0 and eta > 0:
-        x_s = x_s + _scalar(sigma, x_t) * _noise(x_t, generator)
-    return x_s
 
 
 def renoise(schedule: DiffusionSchedule, x_s: torch.Tensor, s: int, t: int,
@@ -92,7 +67,8 @@ def repaint(denoise: Denoiser, x0_known: torch.Tensor, unknown: torch.Tensor, sc
             if not everything:
                 x = torch.where(unknown, x, noised(schedule, x0_known, t, generator))
             x0, eps = schedule.split_prediction(denoise(x, t), x, t)
-            x_s = reverse_step(schedule, sampler, x, x0, eps, t, s, eta=eta, generator=generator)
+            x_s = (ddpm_update(schedule, x, x0, t, s, generator) if sampler == "ddpm"
+                   else ddim_update(schedule, x, x0, eps, t, s, eta, generator))
             x = renoise(schedule, x_s, s, t, generator) if r < resample else x_s
         if callback is not None:
             callback(i, t, x, x0)

@@ -1,5 +1,12 @@
 """Synthesis CLI: `python -m ddpm.sample ckpt=DIFF.ckpt labels=DIR_OR_FILE out=DIR [sampler=ddim steps=50
-guidance_scale=1.0 seed=0 n_per_label=1 eta=0.0 preview=false real=null save_progress=false overwrite=false]`.
+guidance_scale=1.0 seed=0 n_per_label=1 eta=0.0 preview=false real=null save_progress=false overwrite=false
+window=null window_overlap=0.25 window_batch=4 init_image=null strength=1.0]`.
+
+Label maps of any extent: the UNet and the stage-1 decoder run on overlapping windows (`window`, in latent voxels;
+default the training crop's latent) blended at every step, so memory depends on the window, not on the volume;
+a label map whose latent fits in one window is synthesised whole. `init_image` (a real scan on the label map's
+grid, or a folder of them named like the label maps) with `strength` < 1 starts from that scan's latent noised
+to `strength * T` instead of pure noise (less diverse, closer to the scan).
 
 For each label map `<stem>.nii.gz` it writes `<stem>_syn<k>.nii.gz` (the label map's shape and affine, native
 units, geometry-only header), `<stem>_syn<k>.png` (middle slices with the label over them) and
@@ -32,8 +39,9 @@ from dataset.geometry import to_model_grid
 from dataset.io import is_nifti_name, load_nifti, read_header, save_nifti, strip_nifti_suffix
 from ddpm.checkpoint import file_sha256, load_diffusion
 from ddpm.previews import save_overlay_png, save_progress_png, save_slices_gif
-from ddpm.samplers import SamplerSettings
+from ddpm.samplers import SamplerSettings, partial_grid
 from ddpm.synthesis import GIB, PreparedLabel, Synthesizer
+from ddpm.windowed import parse_window
 from utils.atomic import atomic_path, check_writable
 from utils.errors import UserError, exit_on_user_error
 
@@ -87,24 +95,24 @@ def task_share(files: list[Path]) -> list[Path]:
     return files
 
 
-def find_real_files(real: str | None, label_files: list[Path]) -> dict[Path, Path]:
-    """Real image per label map for the preview GIF: a file (one label map) or a folder holding files with
-    the label maps' names."""
+def find_real_files(real: str | None, label_files: list[Path], key: str = "real") -> dict[Path, Path]:
+    """Real image per label map (for the preview GIF, or as `init_image`): a file (one label map) or a folder
+    holding files with the label maps' names."""
     if not real:
         return {}
     path = Path(real)
     if path.is_file():
         if len(label_files) != 1:
-            raise UserError(f"{path}: real= is one file but labels= holds {len(label_files)} label maps; "
+            raise UserError(f"{path}: {key}= is one file but labels= holds {len(label_files)} label maps; "
                             f"give a folder of real images named like the label maps")
         return {label_files[0]: path}
     if not path.is_dir():
-        raise UserError(f"{path}: real image (or folder) not found")
+        raise UserError(f"{path}: {key} image (or folder) not found")
     matched = {}
     for label_file in label_files:
         candidate = path / label_file.name
         if not candidate.is_file():
-            raise UserError(f"{candidate}: no real image for label map {label_file.name}")
+            raise UserError(f"{candidate}: no {key} image for label map {label_file.name}")
         matched[label_file] = candidate
     return matched
 
@@ -156,7 +164,7 @@ class SnapshotRecorder:
 
 
 def prepare_all(cfg: DictConfig, synth: Synthesizer, label_files: list[Path], real_files: dict[Path, Path],
-                out_dir: Path, guidance: float) -> list[tuple[Path, str]]:
+                out_dir: Path, guidance: float, init_files: dict[Path, Path]) -> list[tuple[Path, str]]:
     """Check every input and planned output before writing anything; returns (label file, stem) pairs."""
     jobs, stems = [], {}
     for path in label_files:
@@ -168,6 +176,11 @@ def prepare_all(cfg: DictConfig, synth: Synthesizer, label_files: list[Path], re
             if tuple(real_shape) != tuple(array.shape):
                 raise UserError(f"{real_files[path]}: real image of shape {list(real_shape)} is not on the grid of "
                                 f"label map {path.name} ({list(array.shape)})")
+        if path in init_files:
+            init_shape, init_affine = read_header(init_files[path])
+            if tuple(init_shape) != tuple(array.shape) or not np.allclose(init_affine, affine, atol=1e-3):
+                raise UserError(f"{init_files[path]}: initial image of shape {list(init_shape)} is not on the grid "
+                                f"of label map {path.name} ({list(array.shape)}, same affine needed)")
         stem = strip_nifti_suffix(path.name)
         if stem in stems:
             raise UserError(f"{path}: same name as {stems[stem]}; outputs would collide")
@@ -180,14 +193,17 @@ def prepare_all(cfg: DictConfig, synth: Synthesizer, label_files: list[Path], re
 
 
 def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel, paths: dict[str, Path], *,
-                   settings: SamplerSettings, index: int, real: np.ndarray | None, ckpt_info: dict) -> None:
+                   settings: SamplerSettings, index: int, real: np.ndarray | None, ckpt_info: dict,
+                   init: np.ndarray | None = None, init_name: str | None = None) -> None:
     seed = output_seed(int(cfg.seed), index)
     generator = torch.Generator().manual_seed(seed)
+    strength = float(cfg.strength) if init is not None else 1.0
+    steps = len(partial_grid(synth.model.schedule.timesteps, settings.steps, strength))
     started = time.perf_counter()
-    with tqdm(total=settings.steps, desc=f"{paths['nifti'].name}", unit="step", leave=False) as bar:
-        recorder = SnapshotRecorder(settings.steps, bar, bool(cfg.save_progress))
+    with tqdm(total=steps, desc=f"{paths['nifti'].name}", unit="step", leave=False) as bar:
+        recorder = SnapshotRecorder(steps, bar, bool(cfg.save_progress))
         model_grid = synth.sample(prepared, settings=settings, guidance_scale=float(cfg.guidance_scale),
-                                  generator=generator, callback=recorder)
+                                  generator=generator, callback=recorder, init=init, strength=strength)
     seconds = time.perf_counter() - started
     overwrite = bool(cfg.overwrite)
     native = synth.to_native(model_grid, prepared)
@@ -208,11 +224,14 @@ def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel,
         snapshots = [(t, synth.native_units(synth.decode_latent(x_t, prepared)),
                       synth.native_units(synth.decode_latent(x0, prepared))) for t, x_t, x0 in recorder.snapshots]
         save_progress_png(paths["progress"], snapshots, overwrite=overwrite)
+    grid = synth.latent_grid(prepared)
     sidecar = {
         "output": paths["nifti"].name, "label_map": Path(prepared.name).name, "checkpoint": ckpt_info,
         "sampler": settings.name, "steps": settings.steps, "eta": settings.eta,
         "guidance_scale": float(cfg.guidance_scale), "seed": int(cfg.seed), "index": index, "output_seed": seed,
         "device": synth.device.type, "seconds": round(seconds, 3),
+        "window": list(grid.size), "windows": len(grid), "window_overlap": synth.window_overlap, "window_batch": synth.windows_per_call,
+        "init_image": init_name, "strength": strength,
         "model_grid_shape": [int(s) for s in prepared.model_shape], "model_spacing_mm": spacing,
         "modality": synth.modality, "dtype": str(native.dtype), "versions": versions(),
     }
@@ -227,27 +246,37 @@ def run(cfg: DictConfig) -> list[Path]:
         raise UserError(f"n_per_label={cfg.n_per_label}: must be at least 1")
     if float(cfg.guidance_scale) < 0:
         raise UserError(f"guidance_scale={cfg.guidance_scale}: must be >= 0")
+    if not 0 < float(cfg.strength) <= 1:
+        raise UserError(f"strength={cfg.strength}: must be in (0, 1]")
+    if (cfg.init_image is None) != (float(cfg.strength) == 1.0):
+        raise UserError(f"strength={cfg.strength}, init_image={cfg.init_image}: a partial-noise start needs both "
+                        f"init_image=REAL.nii.gz and strength < 1")
     label_files = task_share(find_label_files(str(cfg.labels)))
     real_files = find_real_files(cfg.real, label_files)
+    init_files = find_real_files(cfg.init_image, label_files, key="init_image")
     model, meta = load_diffusion(cfg.ckpt, map_location=device)
     settings = sampler_settings(cfg, model.schedule.timesteps)
     limit = None if cfg.memory_limit_gb is None else int(float(cfg.memory_limit_gb) * GIB)
-    synth = Synthesizer(model, meta, device, memory_limit_bytes=limit)
+    synth = Synthesizer(model, meta, device, memory_limit_bytes=limit, window=parse_window(cfg.window),
+                        window_overlap=float(cfg.window_overlap), windows_per_call=int(cfg.window_batch))
     out_dir = Path(str(cfg.out))
-    jobs = prepare_all(cfg, synth, label_files, real_files, out_dir, float(cfg.guidance_scale))
+    jobs = prepare_all(cfg, synth, label_files, real_files, out_dir, float(cfg.guidance_scale), init_files)
     ckpt_info = {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)}
     written = []
     for path, stem in tqdm(jobs, desc="label maps", unit="map"):
         array, affine = load_nifti(path)
         prepared = synth.prepare(array, affine, str(path))
-        real = None
+        real = init = None
         if path in real_files:
             real_array, real_affine = load_nifti(real_files[path])
             real = to_model_grid(real_array, real_affine, synth.spacing, is_label=False)[0]
+        if path in init_files:
+            init = synth.prepare_init(*load_nifti(init_files[path]), str(init_files[path]), prepared)
         for index in range(int(cfg.n_per_label)):
             paths = output_paths(out_dir, stem, index, cfg)
             synthesize_one(cfg, synth, prepared, paths, settings=settings, index=index, real=real,
-                           ckpt_info=ckpt_info)
+                           ckpt_info=ckpt_info, init=init,
+                           init_name=init_files[path].name if path in init_files else None)
             written.append(paths["nifti"])
     return written
 

@@ -177,66 +177,78 @@ def checkpoint_window(window: Sequence[int] | None, model, meta: dict) -> tuple[
 
 # the denoiser ------------------------------------------------------------------------------------------------
 class WindowedDenoiser:
-    """`denoise(x_t, t)` over a latent of any size: every call runs `denoiser_for(label_window)(x_window, t)` on
-    each window of `grid` and blends the outputs.
+    """`denoise(x_t, t)` over a latent of any size: every call runs the network on the windows of `grid` and
+    blends the outputs.
 
-    `denoiser_for` builds the denoiser of one window from its crop of the label map (on the image grid,
-    `factor` times the latent grid); with `keep_conditions` the per-window denoisers (their label features and
-    SPADE maps) are built once and reused at every step (faster, memory grows with the number of windows),
-    otherwise they are rebuilt each step so memory stays that of one window. The label map may live on
-    another device (the CPU) than the latent: only window crops are moved."""
+    `denoiser_for(label_crops)` builds the denoiser of a batch of windows from their crops of the label map (on
+    the image grid, `factor` times the latent grid, stacked along the batch axis window by window);
+    `windows_per_call` windows go through the network together (faster for small windows, memory grows with
+    it). The denoiser of a single window covering the latent is built once, so its label features and SPADE
+    maps are reused at every step as in whole-volume sampling; several windows get theirs rebuilt at every step
+    (memory stays that of one call) unless `keep_conditions` (faster, memory grows with the number of windows).
+    The label map may live on another device (the CPU) than the latent: only crops are moved."""
 
     def __init__(self, denoiser_for: Callable[[torch.Tensor], Denoiser], label: torch.Tensor, grid: TileGrid, *,
-                 factor: Sequence[int], keep_conditions: bool = False):
+                 factor: Sequence[int], windows_per_call: int = 1, keep_conditions: bool = False):
+        if windows_per_call < 1:
+            raise ValueError(f"windows_per_call must be at least 1, got {windows_per_call}")
         self.denoiser_for = denoiser_for
         self.label = label
         self.grid = grid
-        self.label_grid = grid.scaled(factor)
-        expected = tuple(self.label_grid.shape)
-        if tuple(label.shape[2:]) != expected:
+        label_grid = grid.scaled(factor)
+        if tuple(label.shape[2:]) != tuple(label_grid.shape):
             raise ValueError(f"label map {list(label.shape[2:])} does not match the latent {list(grid.shape)} "
                              f"x factor {list(factor)}")
-        self.keep_conditions = keep_conditions
-        self._kept: dict[Triple, Denoiser] = {}
-        self._tables: list | None = None
-        self.max_window_voxels = 0  # the largest input a network call has seen (for tests and benchmarks)
+        self.label_slices = {corner: label_grid.slices(label_corner)
+                             for corner, label_corner in zip(grid.corners(), label_grid.corners())}
+        corners = list(grid.corners())
+        self.groups = [tuple(corners[i:i + windows_per_call]) for i in range(0, len(corners), windows_per_call)]
+        self.keep_conditions = keep_conditions or grid.is_single
+        self._kept: dict[tuple[Triple, ...], Denoiser] = {}
+        self._tables: tuple[list, torch.device] | None = None
+        self.max_call_voxels = 0  # the most latent voxels of one network call (per sample), for tests/benchmarks
 
-    def window_denoiser(self, corner: Triple, label_corner: Triple, device) -> Denoiser:
-        if corner in self._kept:
-            return self._kept[corner]
-        label = self.label[(..., *self.label_grid.slices(label_corner))].to(device)
-        denoise = self.denoiser_for(label)
+    def group_denoiser(self, group: tuple[Triple, ...], device) -> Denoiser:
+        if group in self._kept:
+            return self._kept[group]
+        crops = torch.cat([self.label[(..., *self.label_slices[corner])] for corner in group]).to(device)
+        denoise = self.denoiser_for(crops)
         if self.keep_conditions:
-            self._kept[corner] = denoise
+            self._kept[group] = denoise
         return denoise
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         if tuple(x_t.shape[2:]) != self.grid.shape:
             raise ValueError(f"latent {list(x_t.shape[2:])} is not the grid's {list(self.grid.shape)}")
+        window_voxels = math.prod(self.grid.size)
         if self.grid.is_single:
-            self.max_window_voxels = max(self.max_window_voxels, math.prod(self.grid.shape))
-            return self.window_denoiser((0, 0, 0), (0, 0, 0), x_t.device)(x_t, t)
-        label_corners = dict(zip(self.grid.corners(), self.label_grid.corners()))
-
-        def one(corner: Triple) -> torch.Tensor:
-            window = x_t[(..., *self.grid.slices(corner))]
-            self.max_window_voxels = max(self.max_window_voxels, math.prod(window.shape[2:]))
-            return self.window_denoiser(corner, label_corners[corner], x_t.device)(window, t)
-
+            self.max_call_voxels = max(self.max_call_voxels, window_voxels)
+            return self.group_denoiser(self.groups[0], x_t.device)(x_t, t)
+        if self._tables is None or self._tables[1] != x_t.device:
+            self._tables = (self.grid.weight_tables(device=x_t.device), x_t.device)
         out = torch.zeros(x_t.shape, device=x_t.device, dtype=torch.float32)
-        return blend(one, self.grid, self.grid, out)
+        batch = x_t.shape[0]
+        for group in self.groups:
+            self.max_call_voxels = max(self.max_call_voxels, window_voxels * len(group))
+            windows = torch.cat([x_t[(..., *self.grid.slices(corner))] for corner in group])
+            predictions = self.group_denoiser(group, x_t.device)(windows, t).float()
+            for i, corner in enumerate(group):
+                out[(..., *self.grid.slices(corner))] += (predictions[i * batch:(i + 1) * batch]
+                                                          * window_weight(self._tables[0], corner))
+        return out
 
 
 def unet_window_denoiser(unet, label: torch.Tensor, *, window: Sequence[int], overlap: float,
-                         guidance_scale: float = 1.0, keep_conditions: bool = False) -> WindowedDenoiser:
+                         guidance_scale: float = 1.0, windows_per_call: int = 1,
+                         keep_conditions: bool = False) -> WindowedDenoiser:
     """The stage-2 UNet as a windowed denoiser over the latent of `label` (B, 1, X, Y, Z) (image grid)."""
     from ddpm.latent_diffusion import make_denoiser  # the model module imports this one
 
     factor = tuple(unet.label_downsample)
     latent = [s // f for s, f in zip(label.shape[2:], factor)]
     grid = TileGrid.covering(latent, window, overlap, multiple=unet.required_multiple)
-    return WindowedDenoiser(lambda crop: make_denoiser(unet, crop, guidance_scale), label, grid, factor=factor,
-                            keep_conditions=keep_conditions)
+    return WindowedDenoiser(lambda crops: make_denoiser(unet, crops, guidance_scale), label, grid, factor=factor,
+                            windows_per_call=windows_per_call, keep_conditions=keep_conditions)
 
 
 # the stage-1 networks -------------------------------------------------------------------------------------------

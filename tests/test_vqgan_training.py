@@ -129,7 +129,8 @@ def demo_run(tmp_path_factory, demo_cfg):
 def test_demo_experiment_composes_and_trains(demo_run):
     run_dir, cfg, trainer = demo_run
     assert trainer.global_step == 3
-    assert {"val/l1", "val/psnr_range2", "val/ssim_range2", "train/d_loss"} <= set(trainer.callback_metrics)
+    assert {"val/l1", "val/psnr_range2", "val/ssim_range2", "val/psnr_range2_blur1", "val/ssim_range2_blur2",
+            "train/d_loss", "train/perceptual"} <= set(trainer.callback_metrics)
     assert (run_dir / "last.ckpt").is_file() and (run_dir / "split.json").is_file()
     demo_model = compose("vqgan", ["experiment=demo"]).model
     assert demo_model.gan_start_step > 0 and demo_model.perceptual_weight > 0
@@ -172,3 +173,30 @@ def test_reconstruct_writes_nifti_on_the_input_grid_in_native_units(demo_run, de
         data, recon = a.get_fdata(), b.get_fdata()
         assert recon.min() >= data.min() - 1 and recon.max() <= data.max() * 1.5  # native units, not [-1, 1]
         assert recon.max() > 10
+
+
+def test_reference_blur_is_a_normalised_separable_gaussian():
+    from evaluation.metrics import gaussian_window_3d
+    from train.lit_vqgan import gaussian_blur
+
+    constant = torch.full((1, 1, 9, 9, 9), 0.3)
+    torch.testing.assert_close(gaussian_blur(constant, 1.0), constant)
+    impulse = torch.zeros(1, 1, 15, 15, 15)
+    impulse[..., 7, 7, 7] = 1.0
+    window = gaussian_window_3d(7, 1.0).float()  # radius 3 sigma
+    torch.testing.assert_close(gaussian_blur(impulse, 1.0)[0, 0, 4:11, 4:11, 4:11], window)
+
+
+def test_spade_model_config_trains_and_loads(tmp_path):
+    cfg = compose("vqgan", ["model=vqgan_spade", *TINY[1:], "model.base_channels=4", "trainer=cpu", "logger=csv",
+                            f"train.run_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                            "+trainer.enable_progress_bar=false", "model.gan_start_step=1"])
+    module = LitVQGAN(cfg)
+    assert module.vqgan.is_spade and module.vqgan.label_nc == cfg.dataset.label_nc
+    assert module.vqgan.mask_compressor is not None
+    common.run_training(cfg, module, FixedCrops())
+    loaded = load_vqgan(tmp_path / "last.ckpt")
+    assert loaded.is_spade
+    image, label = FixedCrops().items[4]["image"][None], FixedCrops().items[4]["label"][None]
+    with torch.no_grad():
+        assert loaded.decode(loaded.encode(image), label).shape == image.shape

@@ -1,9 +1,12 @@
 """Stage 1 as a thin LightningModule over `vq_gan_3d` (networks, losses and the two step functions live there).
 
-Manual optimisation: one generator step (autoencoder) and, once the GAN is on, one discriminator step per batch.
-Lightning counts every `LightningOptimizer.step()` towards `global_step`; the discriminator steps through the
-raw optimizer so that `global_step`, `trainer.max_steps`, `gan_start_step` and checkpoint intervals all count
-iterations. Checkpoints carry `"stage": "vqgan"` and what `vq_gan_3d.checkpoint.load_vqgan` needs.
+Manual optimisation: one generator step (autoencoder) and, once the GAN is on, one discriminator step per batch
+(`vq_gan_3d.training.training_iteration`). Lightning counts every `LightningOptimizer.step()` towards
+`global_step`; the discriminator steps through the raw optimizer so that `global_step`, `trainer.max_steps`,
+`gan_start_step` and checkpoint intervals all count iterations. The backward passes are plain `Tensor.backward`
+calls, not `manual_backward`: under DDP the iteration averages its gradients itself (the DDP reducer would expect
+every parameter in each of the two partial backward passes). Precision: 32-bit or bf16 autocast, which need no
+loss scaling. Checkpoints carry `"stage": "vqgan"` and what `vq_gan_3d.checkpoint.load_vqgan` needs.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.metrics import gaussian_kernel_1d, psnr, ssim3d
 from train.common import mean_over_unique_cases, save_image_grid
+from utils.errors import UserError
 from vq_gan_3d.checkpoint import STAGE, checkpoint_metadata
 from vq_gan_3d.config import build_loss, build_vqgan
 from vq_gan_3d.training import to_channels_last_3d, training_iteration
@@ -27,6 +31,9 @@ def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
             "label_nc": int(dataset_cfg.label_nc), "spacing": [float(s) for s in dataset_cfg.spacing],
             "crop_size": [int(s) for s in dataset_cfg.crop_size],
             "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True)}
+
+
+REFERENCE_BLUR_SIGMAS = (1.0, 2.0)
 
 
 def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -44,7 +51,11 @@ def gaussian_blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class LitVQGAN(pl.LightningModule):
-    # Validation metrics are on the normalised range [-1, 1]: PSNR and SSIM use a data range of 2.
+    """Validation logs, on centre crops in the normalised range [-1, 1] (PSNR and SSIM with data range 2, hence
+    the `_range2` in their names): `val/l1`, `val/psnr_range2`, `val/ssim_range2`, and the same two metrics of
+    Gaussian-blurred copies of the input (`val/psnr_range2_blur1`, `..._blur2`: sigma 1 and 2 voxels) as
+    references; plus a PNG of middle slices (input, reconstruction, label) of `val_image_volumes` volumes."""
+
     monitor = "val/l1"
 
     def __init__(self, cfg: DictConfig):
@@ -74,6 +85,9 @@ class LitVQGAN(pl.LightningModule):
         return [opt_g, torch.optim.Adam(disc_params, lr=self.disc_lr, betas=self.betas)]
 
     def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            raise UserError(f"trainer.precision: {self.trainer.precision} needs loss scaling, which stage 1 does not "
+                            "do; use bf16-mixed (GPUs) or 32-true")
         datamodule = self.trainer.datamodule
         if self.intensity_reference is None and hasattr(datamodule, "reference_intensity_params"):
             self.intensity_reference = datamodule.reference_intensity_params()
@@ -94,8 +108,7 @@ class LitVQGAN(pl.LightningModule):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + self.global_rank)
         logs = training_iteration(vqgan=self.vqgan, loss=self.loss, opt_g=opt_g,
                                   opt_d=opt_d.optimizer if opt_d is not None else None, image=image, label=label,
-                                  step=step, generator=generator, grad_clip=self.grad_clip,
-                                  backward=self.manual_backward)
+                                  step=step, generator=generator, grad_clip=self.grad_clip)
         batch_size = image.shape[0]
         shown = ("train/g_loss", "train/l1")
         self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=batch_size)
@@ -109,16 +122,16 @@ class LitVQGAN(pl.LightningModule):
         image, label = self._prepare(batch)
         recon, _ = self.vqgan(image, label if self.vqgan.is_spade else None)
         recon = recon.float().clamp(-1, 1)
-        blurred = gaussian_blur(image.float(), sigma=1.0)
+        # References a reconstruction should beat: Gaussian-blurred copies of the input (sigma in voxels).
+        blurred = {sigma: gaussian_blur(image.float(), sigma=sigma).cpu() for sigma in REFERENCE_BLUR_SIGMAS}
         for i, case_id in enumerate(batch["case_id"]):
             real, fake = image[i, 0].float().cpu(), recon[i, 0].cpu()
-            self._val_metrics[case_id] = {
-                "l1": float(F.l1_loss(fake, real)),
-                "psnr_range2": psnr(real, fake, data_range=2.0),
-                "ssim_range2": ssim3d(real, fake, data_range=2.0),
-                "psnr_range2_blur1": psnr(real, blurred[i, 0].cpu(), data_range=2.0),
-                "ssim_range2_blur1": ssim3d(real, blurred[i, 0].cpu(), data_range=2.0),
-            }
+            metrics = {"l1": float(F.l1_loss(fake, real)), "psnr_range2": psnr(real, fake, data_range=2.0),
+                       "ssim_range2": ssim3d(real, fake, data_range=2.0)}
+            for sigma, copy in blurred.items():
+                metrics[f"psnr_range2_blur{sigma:g}"] = psnr(real, copy[i, 0], data_range=2.0)
+                metrics[f"ssim_range2_blur{sigma:g}"] = ssim3d(real, copy[i, 0], data_range=2.0)
+            self._val_metrics[case_id] = metrics
         n_logged = batch_idx * int(image.shape[0])
         if n_logged < self.val_image_volumes:
             rows = []

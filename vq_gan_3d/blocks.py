@@ -14,6 +14,15 @@ def group_norm(channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=affine)
 
 
+def like_weights(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x` in the memory format of a (k x k x k) conv weight. A 1-channel input gives no format hint (its strides
+    fit both layouts), so the first convolution would otherwise fall back to channels-first and every later
+    channels-last layer would pay a layout copy."""
+    if weight.dim() == 5 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last_3d):
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 def per_level_strides(downsample: Sequence[int]) -> list[tuple[int, int, int]]:
     """Split per-axis down-sampling factors (powers of two) into one stride triple per halving step.
 

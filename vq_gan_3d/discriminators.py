@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vq_gan_3d.blocks import like_weights
+
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
@@ -32,7 +34,9 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         features = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x)
+            if i == 0:
+                x = like_weights(x, self.blocks[1][0].weight)
             features.append(x)
         return self.to_logits(x), features

@@ -94,27 +94,29 @@ class VQGANLoss(nn.Module):
         self, real: torch.Tensor, fake: torch.Tensor, commitment: torch.Tensor, step: int,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DiscriminatorPass | None]:
-        """Total generator loss, its logged terms, and the discriminator pass to reuse in the D step."""
+        """Total generator loss, its logged terms, and the discriminator pass to reuse in the D step (None before
+        the GAN starts). `generator` draws the slices of the 2D losses."""
         terms = {"l1": F.l1_loss(fake, real), "commitment": commitment}
         total = self.l1_weight * terms["l1"] + commitment
-        need_slices = (self.perceptual is not None and self.perceptual.on_slices) or (
-            self.disc_2d is not None and self.gan_active(step))
-        if need_slices:
+        gan_on = self.gan_active(step)
+        slices_needed = (self.perceptual is not None and self.perceptual.on_slices) or (
+            gan_on and self.disc_2d is not None)
+        real_2d = fake_2d = None
+        if slices_needed:
             index = random_slice_index(real.shape[0], real.shape[-1], self.n_slices, generator)
             real_2d, fake_2d = sample_slices(real, index), sample_slices(fake, index)
         if self.perceptual is not None:
             pair = (real_2d, fake_2d) if self.perceptual.on_slices else (real, fake)
             terms["perceptual"] = self.perceptual(*pair)
             total = total + self.perceptual_weight * terms["perceptual"]
-        if not self.gan_active(step):
+        if not gan_on:
             return total, terms, None
         passes = DiscriminatorPass([], [])
-        for disc, weight, r, f, name in ((self.disc_2d, self.gan_weight_2d, real_2d if need_slices else None,
-                                          fake_2d if need_slices else None, "2d"),
-                                         (self.disc_3d, self.gan_weight_3d, real, fake, "3d")):
+        for name, disc, weight, r, f in (("2d", self.disc_2d, self.gan_weight_2d, real_2d, fake_2d),
+                                         ("3d", self.disc_3d, self.gan_weight_3d, real, fake)):
             if disc is None:
                 continue
-            logits, feats = disc(torch.cat([r, f]))
+            logits, feats = disc(torch.cat([r, f]))  # one pass over real and fake (instance norm: per sample)
             logits_real, logits_fake = logits.chunk(2)
             feats_real, feats_fake = zip(*(feat.chunk(2) for feat in feats))
             terms[f"g_adv_{name}"] = hinge_g_loss(logits_fake)

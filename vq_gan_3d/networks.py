@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vq_gan_3d.blocks import Downsample, ResBlock, Upsample, group_norm, per_level_strides
+from vq_gan_3d.blocks import Downsample, ResBlock, Upsample, group_norm, like_weights, per_level_strides
 from vq_gan_3d.spade import SPADE
 
 
@@ -68,6 +68,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
+        first = next((m.weight for m in self.body.modules() if isinstance(m, nn.Conv3d)), None)
+        if first is not None:
+            h = like_weights(h, first)
         for layer in self.body:
             h = _run_block(layer, self.gradient_checkpointing and isinstance(layer, ResBlock), h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -196,6 +196,11 @@ class PerceptualLoss(nn.Module):
         return self
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        # Full precision whatever the autocast around it: a user's TorchScript file may not accept bf16 inputs.
+        with torch.autocast(device_type=fake.device.type, enabled=False):
+            return self._distance(real.float(), fake.float())
+
+    def _distance(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         if isinstance(self.backbone, TorchScriptSliceBackbone):
             if self.backbone.is_distance:
                 return self.backbone.distance(real, fake).mean()

@@ -21,16 +21,18 @@ def _is_rank_zero() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
-    """Index of the nearest code for each row of `flat` (N, D) by squared distance, in the matmul form
-    ||e||^2 - 2 z.e (||z||^2 does not change the argmin), processed in row chunks so the N x K distance matrix
-    never exists at once."""
-    code_sq = codebook.pow(2).sum(1)
+def nearest_codes(flat: torch.Tensor, codebook: torch.Tensor, chunk_elements: int = 1 << 21) -> torch.Tensor:
+    """Index of the nearest code for each row of `flat` (N, D) by squared distance.
+
+    argmin ||z - e||^2 = argmin (||e||^2 - 2 z.e): one matmul of [z, 1] with [-2e, ||e||^2] (no bias broadcast),
+    in row chunks so the N x K score matrix never exists at once."""
+    ones = torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
+    rows_aug = torch.cat([flat, ones], dim=1)
+    codes_aug = torch.cat([-2.0 * codebook, codebook.pow(2).sum(1, keepdim=True)], dim=1).t().contiguous()
     rows = max(1, chunk_elements // codebook.shape[0])
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for start in range(0, flat.shape[0], rows):
-        chunk = flat[start:start + rows]
-        out[start:start + rows] = torch.addmm(code_sq, chunk, codebook.t(), alpha=-2.0).argmin(1)
+        out[start:start + rows] = (rows_aug[start:start + rows] @ codes_aug).argmin(1)
     return out
 
 

@@ -6,25 +6,38 @@ discriminator loss back-propagates first, into the discriminators' weights only,
 loss then back-propagates into the autoencoder only and frees the graph as it goes; then both optimisers step.
 The discriminator weights do not change before the generator backward has used them, and both losses see the
 same discriminator and the same fakes, exactly as in the usual alternating update.
+
+Under torch.distributed the gradients of each backward are averaged over ranks here (`average_gradients`), not by
+DDP's reducer: the reducer expects every parameter to receive a gradient in each backward, and these two
+backward passes each reach only their own networks.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import time
-from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from vq_gan_3d.losses import VQGANLoss
 from vq_gan_3d.model import VQGAN
 
-Backward = Callable[..., None]
-
-
-def _plain_backward(loss: torch.Tensor, **kwargs) -> None:
-    loss.backward(**kwargs)
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Mean of each gradient over all ranks (one all-reduce of the flattened gradients); no-op on one process.
+    Every rank calls it with the same parameters, which hold gradients on every rank alike."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -92,7 +105,6 @@ def training_iteration(
     step: int,
     generator: torch.Generator,
     grad_clip: float,
-    backward: Backward = _plain_backward,
     timer: StageTimer | None = None,
 ) -> dict[str, torch.Tensor]:
     """One generator update and, once the GAN is on, one discriminator update. Returns detached values to log.
@@ -109,18 +121,20 @@ def training_iteration(
         d_total, d_terms = loss.discriminator_loss(passes)
         del passes
         opt_d.zero_grad(set_to_none=True)
-        backward(d_total, inputs=disc_params, retain_graph=True)
+        d_total.backward(inputs=disc_params, retain_graph=True)
         logs.update({f"train/{k}": v.detach() for k, v in d_terms.items()})
         logs["train/d_loss"] = d_total.detach()
         mark("discriminator")
     gen_params = [p for p in vqgan.parameters() if p.requires_grad]
     opt_g.zero_grad(set_to_none=True)
-    backward(g_total, inputs=gen_params)
+    g_total.backward(inputs=gen_params)
+    average_gradients(gen_params)
     clip_gradients(gen_params, grad_clip)
     opt_g.step()
     opt_g.zero_grad(set_to_none=True)  # gradients are not needed until the next backward: free them now
     mark("generator")
     if "train/d_loss" in logs:
+        average_gradients(disc_params)
         clip_gradients(disc_params, grad_clip)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)

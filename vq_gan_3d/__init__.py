@@ -1,0 +1,3 @@
+"""Stage 1: the 3D VQ-GAN (encoder, EMA vector quantiser, normal or SPADE decoder), its losses, checkpoint loading
+and the encode / reconstruct command-line tools. Contracts: docs/ARCHITECTURE.md. Submodules are imported
+explicitly (`from vq_gan_3d.checkpoint import load_vqgan`)."""
