@@ -13,8 +13,10 @@ export PYTHON="$PWD/.venv/bin/python"
 python -m dataset.check dataset=demo
 bash vqgan.sh experiment=demo "$@"
 bash diffusion.sh experiment=demo "$@"
+# The demo images are MR in native units of about 0..1000: SSIM/PSNR use that data range.
 bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmpp_2m sample:steps=25 \
-    sample:preview=true
+    sample:preview=true evaluate:data_range=1000
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
-    split_file=runs/diffusion-demo/split.json synthetic=runs/demo-eval/samples
+    split_file=runs/diffusion-demo/split.json synthetic=runs/demo-eval/samples train.steps=120 \
+    "augmentation.seeds=[0]"
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

@@ -139,7 +139,7 @@ def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
         if requeue is not None:
             requeue.uninstall()
     # Make sure last.ckpt holds the final state even when max_steps ended mid-interval.
-    trainer.save_checkpoint(run_dir / LAST_CKPT)
+    trainer.save_checkpoint(run_dir / LAST_CKPT, weights_only=False)
     return trainer
 
 
