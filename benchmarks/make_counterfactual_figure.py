@@ -45,14 +45,25 @@ def demo_cases(ckpt: Path, n: int = 1) -> list[tuple[Path, Path, str]]:
     return [(c.image_path, c.label_path, c.case_id) for c in ordered[:n]]
 
 
-def edit(labels: np.ndarray, affine: np.ndarray, args) -> tuple[np.ndarray, str]:
+def edit(labels: np.ndarray, affine: np.ndarray, class_index: int, args, source: str) -> tuple[np.ndarray, str]:
     from dataset.edit_labels import EditOptions, as_label_array, edit_label_map
 
-    labels = as_label_array(labels, str(args.labels or "labels"))
-    class_index = args.class_index if args.class_index is not None else int(labels.max())
+    labels = as_label_array(labels, source)
     op_args = {"scale": {"factor": args.factor}, "move": {"offset_mm": args.offset_mm}}[args.op]
-    result = edit_label_map(labels, affine, args.op, class_index, options=EditOptions(), **op_args)
+    result = edit_label_map(labels, affine, args.op, class_index, options=EditOptions(), source=source, **op_args)
     return result.labels, result.summary()
+
+
+def choose_case(args, class_index: int) -> tuple[Path, Path, str]:
+    """The given scan, or the first demo case (held-out ones first) whose label map holds `class_index`."""
+    from dataset.io import load_nifti
+
+    if args.image is not None:
+        return args.image, args.labels, args.image.name
+    for image_path, label_path, name in demo_cases(args.ckpt, n=1000):
+        if np.any(load_nifti(label_path)[0] == class_index):
+            return image_path, label_path, name
+    raise UserError(f"no demo case holds class {class_index}; pass --class-index or --image/--labels")
 
 
 @exit_on_user_error
@@ -62,7 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--image", type=Path, default=None, help="real scan (default: a held-out demo case)")
     parser.add_argument("--labels", type=Path, default=None, help="its label map (with --image)")
     parser.add_argument("--op", choices=["scale", "move"], default="scale")
-    parser.add_argument("--class-index", type=int, default=None, help="class to edit (default: the last one)")
+    parser.add_argument("--class-index", type=int, default=None,
+                        help="class to edit (default: the model's last class, the lesion in the demo)")
     parser.add_argument("--factor", type=float, default=1.8, help="--op scale: growth factor")
     parser.add_argument("--offset-mm", type=float, nargs=3, default=[12.0, 0.0, 0.0], help="--op move: shift")
     parser.add_argument("--margin-mm", type=float, default=6.0)
@@ -89,17 +101,15 @@ def main(argv: list[str] | None = None) -> Path:
     if (args.image is None) != (args.labels is None):
         raise UserError("--image and --labels go together (or give neither for a demo case)")
     check_writable(args.out, args.overwrite)
-    if args.image is None:
-        image_path, label_path, name = demo_cases(args.ckpt)[0]
-    else:
-        image_path, label_path, name = args.image, args.labels, args.image.name
+    device = resolve_device(args.device)
+    model, meta = load_diffusion(args.ckpt, map_location=device)
+    class_index = args.class_index if args.class_index is not None else model.label_nc - 1
+    image_path, label_path, name = choose_case(args, class_index)
     image, affine = load_nifti(image_path)
     labels, label_affine = load_nifti(label_path)
     check_same_grid((image, affine, str(image_path)), (labels, label_affine, str(label_path)), "label map")
-    edited, summary = edit(labels, affine, args)
+    edited, summary = edit(labels, affine, class_index, args, str(label_path))
     region = edited != labels
-    device = resolve_device(args.device)
-    model, meta = load_diffusion(args.ckpt, map_location=device)
     settings = InpaintSettings(steps=args.steps, resample=args.resample, margin_mm=args.margin_mm)
     settings.check(model.schedule.timesteps)
     synth = Synthesizer(model, meta, device, windows_per_call=4)
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> Path:
               ("inpainted counterfactual", result.image, "image"), ("counterfactual - original", difference,
                                                                    "difference")]
     save_panels(args.out, panels, result.zone, affine, label_nc=synth.label_nc, overwrite=args.overwrite,
-                title=f"{name}: {summary}; regenerated zone outlined (ddim {args.steps} steps, resample "
+                title=f"{name}: {summary}\nregenerated zone outlined (ddim {args.steps} steps, resample "
                       f"{args.resample}, margin {args.margin_mm:g} mm)")
     print(args.out, flush=True)
     return args.out

@@ -208,7 +208,7 @@ def settings_from(cfg: DictConfig) -> InpaintSettings:
 def run(cfg: DictConfig) -> Path:
     """Inpaint one scan; returns the NIfTI written."""
     settings = settings_from(cfg)
-    paths = {name: Path(str(cfg[name])) for name in ("image", "labels", "region")}
+    paths = {"image": Path(str(cfg.image)), "labels": Path(str(cfg.labels)), "region": Path(str(cfg.region))}
     arrays = {name: load_nifti(path) for name, path in paths.items()}
     image, affine = arrays["image"]
     for name in ("labels", "region"):

@@ -262,3 +262,21 @@ def test_cli_one_line_error(files, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing.nii.gz" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_counterfactual_figure_script(files, tmp_path):
+    from benchmarks.make_counterfactual_figure import main as make_figure
+
+    labels = np.zeros((24, 24, 12), np.uint8)
+    labels[3:21, 3:21, 2:10] = 1
+    labels[9:13, 9:13, 5:8] = 2  # the lesion: the model's last class
+    image = np.where(labels > 0, 200.0, 20.0).astype(np.float32) + labels * 100.0
+    image_path = save_nifti(image.astype(np.float32), OBLIQUE, tmp_path / "scan.nii.gz")
+    label_path = save_nifti(labels, OBLIQUE, tmp_path / "scan_labels.nii.gz")
+    out = tmp_path / "counterfactual.png"
+    common = ["--image", str(image_path), "--labels", str(label_path), "--steps", "2", "--resample", "0",
+              "--out", str(out), "--device", "cpu"]
+    assert make_figure(["--ckpt", str(files["ckpt"]), *common]) == out and out.stat().st_size > 0
+    with pytest.raises(SystemExit) as exit_info:  # a missing checkpoint: one line, exit 2, nothing written
+        make_figure(["--ckpt", str(tmp_path / "missing.ckpt"), *common[:-4], "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x.png").exists()
