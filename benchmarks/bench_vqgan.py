@@ -34,12 +34,7 @@ if str(PROJECT_ROOT) not in sys.path:
 
 from vq_gan_3d.config import build_loss, build_vqgan  # noqa: E402
 from utils.paths import CONFIG_DIR  # noqa: E402
-from vq_gan_3d.training import (  # noqa: E402
-    StageTimer,
-    set_malloc_mmap_threshold,
-    to_channels_last_3d,
-    training_iteration,
-)
+from vq_gan_3d.training import StageTimer, to_channels_last_3d, training_iteration  # noqa: E402
 
 # Published Med-LSDM VQ-GAN, paper model settings, 64x64x32 crop, batch 2, 2-core CPU (issue 4).
 BASELINE = {"crop": [64, 64, 32], "batch": 2, "iteration_s": 12.9, "generator_s": 8.3, "discriminator_s": 4.7,
@@ -98,19 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed iterations after one warm-up iteration")
     parser.add_argument("--crop", type=int, nargs=3, default=None,
                         help="X Y Z (default: 256 256 32 for paper, the demo data set's crop for demo)")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="default: the data set's batch size")
     parser.add_argument("--perceptual", choices=["config", "vgg16", "none"], default="config")
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: PyTorch's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    parser.add_argument("--malloc-mmap-threshold-mib", type=int, default=4,
-                        help="as train.train_vqgan sets it (0: keep glibc's dynamic threshold)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.channels_last=false")
     args = parser.parse_args(argv)
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.malloc_mmap_threshold_mib > 0:
-        set_malloc_mmap_threshold(args.malloc_mmap_threshold_mib)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -124,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides += ["model.perceptual_weight=0"]
     cfg = compose_config(args.config, overrides)
     crop = list(args.crop) if args.crop else (PAPER_CROP if args.config == "paper" else list(cfg.dataset.crop_size))
+    batch = args.batch or int(cfg.dataset.batch_size)
     m = cfg.model
 
     torch.manual_seed(0)
@@ -142,8 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt_d = torch.optim.Adam(disc_params, lr=float(m.disc_lr), betas=betas) if disc_params else None
 
     gen = torch.Generator().manual_seed(0)
-    image = (torch.rand(args.batch, 1, *crop, generator=gen) * 2 - 1).to(device)
-    label = torch.randint(0, int(cfg.dataset.label_nc), (args.batch, 1, *crop), generator=gen).to(device)
+    image = (torch.rand(batch, 1, *crop, generator=gen) * 2 - 1).to(device)
+    label = torch.randint(0, int(cfg.dataset.label_nc), (batch, 1, *crop), generator=gen).to(device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -185,13 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
             dec_times.append(t2 - t1)
 
     g, d = median(g_times), median(d_times)
-    voxels = args.batch * crop[0] * crop[1] * crop[2]
+    voxels = batch * crop[0] * crop[1] * crop[2]
     result = {
         "config": args.config, "device": args.device, "threads": torch.get_num_threads(), "crop": crop,
-        "batch": args.batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.perceptual_backbone),
+        "batch": batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.perceptual_backbone),
         "channels_last": channels_last, "gradient_checkpointing": bool(m.gradient_checkpointing),
         "slices_per_volume": int(m.slices_per_volume), "compile": args.compile,
-        "malloc_mmap_threshold_mib": args.malloc_mmap_threshold_mib,
+
         "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": voxels / (g + d),
         "encode_one_volume_s": min(enc_times), "decode_one_volume_s": min(dec_times),
         "peak_rss_gib": rss_gib(),
@@ -202,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         result["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
-    if args.config == "paper" and device.type == "cpu" and crop == BASELINE["crop"] and args.batch == BASELINE["batch"]:
+    if args.config == "paper" and device.type == "cpu" and crop == BASELINE["crop"] and batch == BASELINE["batch"]:
         result["speedup_vs_published"] = BASELINE["iteration_s"] / result["iteration_s"]
         result["peak_rss_fraction_of_published"] = result["peak_rss_gib"] / BASELINE["peak_rss_gib"]
     print(f"per iteration: generator {g:.3f} s + discriminator {d:.3f} s = {g + d:.3f} s; "

@@ -76,7 +76,8 @@ def test_overfitting_one_crop_lowers_l1_by_a_large_factor():
 def test_resume_continues_exactly(tmp_path):
     """k + m steps in one run == k steps, stop, resume, m steps: weights, codebook, discriminators, optimisers.
     The GAN starts at step 1 and dead codes restart, so every part of the state is exercised."""
-    extra = ["model.gan_start_step=1", "model.dead_code_threshold=1.0", "model.gradient_checkpointing=true"]
+    extra = ["model.gan_start_step=1", "model.dead_code_threshold=1.0", "model.gradient_checkpointing=true",
+             "model.lr_decay_start=2"]
 
     def run(run_dir, max_steps):
         pl.seed_everything(0, verbose=False)
@@ -95,6 +96,10 @@ def test_resume_continues_exactly(tmp_path):
     ckpt_a = torch.load(tmp_path / "continuous" / "last.ckpt", weights_only=True)
     ckpt_b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
     assert len(ckpt_a["optimizer_states"]) == 2
+    # linear decay from step 2 to 0 at step 4: the last step (3) ran at half the learning rate
+    lr = run_cfg(tmp_path, 4).model.lr
+    for ckpt in (ckpt_a, ckpt_b):
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.5 * lr)
     for opt_a, opt_b in zip(ckpt_a["optimizer_states"], ckpt_b["optimizer_states"]):
         for (_, state_a), (_, state_b) in zip(sorted(opt_a["state"].items()), sorted(opt_b["state"].items())):
             for name in ("exp_avg", "exp_avg_sq"):

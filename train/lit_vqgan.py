@@ -70,6 +70,7 @@ class LitVQGAN(pl.LightningModule):
         self.lr, self.disc_lr = float(m.lr), float(m.disc_lr)
         self.betas = tuple(float(b) for b in m.betas)
         self.grad_clip = float(m.grad_clip)
+        self.lr_decay_start = None if m.lr_decay_start is None else int(m.lr_decay_start)
         self.val_image_volumes = int(m.val_image_volumes)
         self.seed = int(cfg.train.seed)
         self.dataset_info = dataset_settings(cfg.dataset)
@@ -104,6 +105,7 @@ class LitVQGAN(pl.LightningModule):
         optimizers = self.optimizers()
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         step = self.global_step
+        self._set_learning_rates(step, [opt_g, opt_d])
         # Slice choices depend only on (seed, step, rank): identical after a resume, distinct across ranks.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + self.global_rank)
         logs = training_iteration(vqgan=self.vqgan, loss=self.loss, opt_g=opt_g,
@@ -113,6 +115,18 @@ class LitVQGAN(pl.LightningModule):
         shown = ("train/g_loss", "train/l1")
         self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=batch_size)
         self.log_dict({k: logs[k] for k in shown}, prog_bar=True, batch_size=batch_size)
+
+    def _set_learning_rates(self, step: int, optimizers: list) -> None:
+        """Constant learning rates, or from `lr_decay_start` on a linear decay to 0 at `trainer.max_steps`
+        (a function of the step alone, so a resumed run follows the same schedule)."""
+        factor, max_steps = 1.0, self.trainer.max_steps
+        if self.lr_decay_start is not None and max_steps > self.lr_decay_start and step >= self.lr_decay_start:
+            factor = max(0.0, 1.0 - (step - self.lr_decay_start) / (max_steps - self.lr_decay_start))
+        for optimizer, base in zip(optimizers, (self.lr, self.disc_lr)):
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = base * factor
+        self.log("train/lr_factor", factor)
 
     # validation ---------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

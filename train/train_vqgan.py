@@ -9,13 +9,11 @@ from dataset.datamodule import VolumeDataModule
 from train.common import run_training
 from train.lit_vqgan import LitVQGAN
 from utils.errors import exit_on_user_error
-from vq_gan_3d.training import set_malloc_mmap_threshold
 
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="vqgan")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    set_malloc_mmap_threshold()  # CPU runs: keep peak RSS near the memory in use (see the function)
     pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)  # same initial weights for a seed
     datamodule = VolumeDataModule(cfg.dataset, cfg.train.run_dir)
     module = LitVQGAN(cfg)
