@@ -3,6 +3,7 @@ and the middle-slice image logged at every validation."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -121,6 +122,11 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) ->
 
 def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> pl.Trainer:
     """Fit `module` on `datamodule` in `cfg.train.run_dir`, resuming according to `cfg.train.resume`."""
+    # Lightning notices that do not apply here: frozen networks (perceptual backbone, stage 1) are in eval mode
+    # on purpose, and logging counts optimisation steps across epochs, so short epochs lose no log entries.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     pl.seed_everything(cfg.train.seed, workers=True)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
