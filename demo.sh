@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded demo data, on this machine (a 2-core CPU is enough):
 #   install -> build + check the demo data -> stage 1 -> stage 2 -> synthesise the held-out test label maps
-#   -> evaluate -> segmentation-based mask fidelity.
+#   -> evaluate -> segmentation-based mask fidelity and augmentation.
 # Everything is written under runs/. Re-running resumes the training runs and regenerates the rest.
 # Extra arguments are Hydra overrides for both training stages, e.g. `bash demo.sh trainer.max_steps=50`.
 set -euo pipefail
@@ -16,7 +16,11 @@ bash diffusion.sh experiment=demo "$@"
 # The demo images are MR in native units of about 0..1000: SSIM/PSNR use that data range.
 bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmpp_2m sample:steps=25 \
     sample:preview=true evaluate:data_range=1000
+# Scans synthesised from the training label maps feed the augmentation arm of the segmentation experiment.
+python -m train.test_split run_dir=runs/diffusion-demo out=runs/demo-eval/train split=train overwrite=true
+python -m ddpm.sample ckpt=runs/diffusion-demo/last.ckpt labels=runs/demo-eval/train/labels \
+    out=runs/demo-eval/samples-train sampler=dpmpp_2m steps=25 overwrite=true
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
-    split_file=runs/diffusion-demo/split.json synthetic=runs/demo-eval/samples train.steps=120 \
-    "augmentation.seeds=[0]"
+    split_file=runs/diffusion-demo/split.json "synthetic=[runs/demo-eval/samples,runs/demo-eval/samples-train]" \
+    train.steps=120 "augmentation.seeds=[0]"
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

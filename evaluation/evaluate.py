@@ -1,4 +1,4 @@
-"""python -m evaluation.evaluate real=DIR fake=DIR [labels=DIR] out=DIR [metrics=[...]] [domain=native|normalized]
+"""python -m evaluation.evaluate real=DIR fake=DIR [labels=DIR] out=DIR [metrics=[...]] [domain=native|normalized|percentile]
 
 Paired image metrics (SSIM, MS-SSIM, PSNR, RMSE, MAE, LPIPS) between each synthetic volume and the real volume of
 its stem, distribution metrics (FID/MMD on 2D Inception and 3D features) over all files, diversity between
@@ -15,6 +15,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dataset.intensity import PercentileNormalizer
 from evaluation import figures, metrics
 from evaluation.distribution import FEATURE_METRICS, FeatureBank
 from evaluation.features import resolve_device
@@ -33,16 +34,27 @@ HISTOGRAM_VOXELS_PER_CASE = 20000  # per class and volume, enough for a smooth h
 class Intensity:
     domain: str
     data_range: float
-    window: tuple[float, float] | None  # native -> [-1, 1] for the 2D networks; None in the normalized domain
+    window: tuple[float, float] | None  # native -> [-1, 1] for the 2D networks; None in the other domains
     foreground_only: bool
+    percentiles: tuple[float, float] | None = None  # domain=percentile: each volume's own -> -1 and 1
 
     def describe(self) -> dict:
-        return {"domain": self.domain, "data_range": self.data_range, "foreground_only": self.foreground_only}
+        out = {"domain": self.domain, "data_range": self.data_range, "foreground_only": self.foreground_only}
+        if self.percentiles is not None:
+            out["percentiles"] = list(self.percentiles)
+        return out
+
+    def prepare(self, volume: np.ndarray) -> np.ndarray:
+        """A loaded volume in the domain the metrics compare: unchanged, or scaled by its own percentiles."""
+        if self.percentiles is None:
+            return volume
+        lower, upper = self.percentiles
+        return PercentileNormalizer(lower=lower, upper=upper).forward(volume)[0].astype(np.float32)
 
 
 def parse_intensity(cfg, has_labels: bool) -> Intensity:
-    if cfg.domain not in ("native", "normalized"):
-        raise UserError(f"domain={cfg.domain}: use native or normalized")
+    if cfg.domain not in ("native", "normalized", "percentile"):
+        raise UserError(f"domain={cfg.domain}: use native, normalized or percentile")
     data_range = cfg.data_range
     if data_range is None:
         if cfg.domain == "native":
@@ -50,16 +62,21 @@ def parse_intensity(cfg, has_labels: bool) -> Intensity:
         data_range = 2.0
     if not float(data_range) > 0:
         raise UserError(f"data_range={data_range}: must be positive")
+    percentiles = None
+    if cfg.domain == "percentile":
+        percentiles = (float(cfg.percentiles[0]), float(cfg.percentiles[1]))
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise UserError(f"percentiles={list(cfg.percentiles)}: need 0 <= lower < upper <= 100")
     window = None
     if cfg.window is not None:
-        if cfg.domain == "normalized":
-            raise UserError("window: only used with domain=native (normalized volumes already are in [-1, 1])")
+        if cfg.domain != "native":
+            raise UserError(f"window: only used with domain=native (domain={cfg.domain} already is in [-1, 1])")
         window = (float(cfg.window[0]), float(cfg.window[1]))
         if not window[1] > window[0]:
             raise UserError(f"window={list(cfg.window)}: high must exceed low")
     if cfg.foreground_only and not has_labels:
         raise UserError("foreground_only=true needs labels=DIR (the foreground is label > 0)")
-    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only))
+    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only), percentiles)
 
 
 def requested_metrics(cfg) -> list[str]:
@@ -175,6 +192,7 @@ def run(cfg: DictConfig) -> dict:
     shape = None
     for real_stem in tqdm(pairing.real, desc="evaluating", unit="case"):
         real, affine = load_volume(pairing.real[real_stem])
+        real = intensity.prepare(real)
         shape = shape or real.shape
         label = load_label(pairing.labels[real_stem], real.shape) if real_stem in pairing.labels else None
         mask = (label > 0) if intensity.foreground_only else None
@@ -185,6 +203,7 @@ def run(cfg: DictConfig) -> dict:
         samples = []
         for index, fake_stem in enumerate(groups.get(real_stem, [])):
             fake, fake_affine = load_fake(pairing, fake_stem, real.shape)
+            fake = intensity.prepare(fake)
             fake_slices = bank.slices(fake) if bank.uses_2d() else None
             bank.add("fake", fake, fake_affine, fake_slices)
             row = {"real": real_stem, "fake": fake_stem}
@@ -206,6 +225,7 @@ def run(cfg: DictConfig) -> dict:
     for fake_stem in tqdm(pairing.unpaired_fake, desc="unpaired synthetic", unit="case",
                           disable=not pairing.unpaired_fake):
         fake, fake_affine = load_volume(pairing.fake[fake_stem])
+        fake = intensity.prepare(fake)
         bank.add("fake", fake, fake_affine, bank.slices(fake) if bank.uses_2d() else None)
 
     for name in PAIRED_METRICS + ("lpips",):

@@ -9,6 +9,7 @@ confidence intervals over test cases. The test split never trains anything.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import hydra
@@ -60,10 +61,23 @@ def load_split(cfg, cases) -> dict[str, list[str]]:
     return split
 
 
-def synthetic_volumes(folder, cases_by_id: dict, preprocessed: dict, split: dict, dataset_cfg) -> dict:
+def list_synthetic(folders) -> dict[str, Path]:
+    """stem -> path over one folder or a list of folders (e.g. samples of the test and of the training label maps);
+    a stem found in two folders is an error, not a silent choice."""
+    folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+    files: dict[str, Path] = {}
+    for folder in folders:
+        for stem, path in list_nifti(folder, "synthetic").items():
+            if stem in files:
+                raise UserError(f"{path}: synthetic stem '{stem}' is also in {files[stem].parent}")
+            files[stem] = path
+    return dict(sorted(files.items()))
+
+
+def synthetic_volumes(folders, cases_by_id: dict, preprocessed: dict, split: dict, dataset_cfg) -> dict:
     """Synthetic files grouped by the split of their source case: {"test": [...], "train": [...]} (val ignored)."""
     groups = {"train": [], "test": [], "ignored": []}
-    files = list_nifti(folder, "synthetic")
+    files = list_synthetic(folders)
     split_of = {case_id: name for name, ids in split.items() for case_id in ids}
     for stem, path in tqdm(files.items(), desc="synthetic volumes", unit="file"):
         source = source_stem(stem, cases_by_id)

@@ -126,6 +126,29 @@ def test_identical_values_inside_the_foreground(folders, tmp_path):
     assert not (out / "figures" / "intensity_histograms.png").exists()
 
 
+def test_percentile_domain_removes_an_arbitrary_scanner_gain(folders, tmp_path):
+    """MR units are arbitrary: a copy of each real volume with a different gain is a perfect synthesis in the
+    percentile domain (SSIM 1, PSNR inf, equal class means) but not in native units."""
+    for i in range(3):
+        image, _ = phantom_volume(SHAPE, 3, "ct", seed=i)
+        save_nifti((image.astype(np.float32) + 1000) * (0.8 + 0.1 * i), phantom_affine((2.0, 2.0, 3.0), "LPS"),
+                   tmp_path / "gain" / f"case{i}_syn0.nii.gz")
+    base = [f"real={folders / 'real'}", f"fake={tmp_path / 'gain'}", f"labels={folders / 'labels'}",
+            "metrics=[ssim,psnr,intensity_stats]"]
+    run(config(base + [f"out={tmp_path / 'pct'}", "domain=percentile", "percentiles=[1,99]"]))
+    report = json.loads((tmp_path / "pct" / "metrics.json").read_text())
+    results = report["metrics"]
+    assert report["settings"]["percentiles"] == [1.0, 99.0] and report["settings"]["data_range"] == 2.0
+    assert results["ssim"]["value"] == pytest.approx(1.0, abs=1e-6) and results["psnr"]["value"] == "inf"
+    assert results["intensity_stats"]["value"] == pytest.approx(0.0, abs=1e-5)
+    assert results["intensity_stats"]["real"]["0"]["mean"] >= -1.0
+    run(config(base + [f"out={tmp_path / 'native'}", "data_range=2000"]))
+    native = json.loads((tmp_path / "native" / "metrics.json").read_text())["metrics"]
+    assert native["ssim"]["value"] < 0.9 and native["intensity_stats"]["value"] > 50
+    with pytest.raises(UserError, match="percentiles"):
+        run(config(base + [f"out={tmp_path / 'bad'}", "domain=percentile", "percentiles=[99,1]"]))
+
+
 def test_bad_settings_are_user_errors(folders, tmp_path):
     base = [f"real={folders / 'real'}", f"fake={folders / 'fake'}", f"out={tmp_path / 'x'}"]
     with pytest.raises(UserError, match="data_range: required for domain=native"):

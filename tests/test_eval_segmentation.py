@@ -18,6 +18,7 @@ from dataset.split import make_split
 from dataset.checks import validate_dataset
 from evaluation.evaluate import run as run_evaluate
 from evaluation.segmentation import bootstrap_ci
+from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 
 
@@ -43,7 +44,7 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
                           modality="ct", seed=3)
     overrides = ["dataset=nifti", f"dataset.root_dir={data}", "dataset.label_nc=3", "dataset.spacing=[2,2,2]",
                  "dataset.crop_size=[16,16,16]", "dataset.split.test_fraction=0.25",
-                 f"dataset.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", f"synthetic={tmp_path / 'syn'}",
+                 f"dataset.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", f"synthetic=[{tmp_path / 'syn'},{tmp_path / 'syn_train'}]",
                  "train.steps=25", "train.lr=0.01", "augmentation.seeds=[0,1]", "bootstrap.samples=200",
                  "device=cpu"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -52,11 +53,12 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert len(split["test"]) == 2 and len(split["train"]) == 5
     rng = np.random.default_rng(0)
     (tmp_path / "syn").mkdir()
+    (tmp_path / "syn_train").mkdir()  # samples of the training label maps in their own folder, as in demo.sh
     for case in split["test"]:  # a perfect generator: the real image itself
         shutil.copy(data / "images" / f"{case}.nii.gz", tmp_path / "syn" / f"{case}_syn0.nii.gz")
     for case in split["train"] + split["val"]:
         image, affine = load_nifti(data / "images" / f"{case}.nii.gz")
-        save_nifti(image + rng.normal(0, 20, image.shape), affine, tmp_path / "syn" / f"{case}_syn0.nii.gz")
+        save_nifti(image + rng.normal(0, 20, image.shape), affine, tmp_path / "syn_train" / f"{case}_syn0.nii.gz")
 
     trained_on = []
     real_train = segmentation.train_segmenter
@@ -106,3 +108,16 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert results["fid_3d_segmenter"]["value"] >= 0 and results["fid_3d_segmenter"]["n_real"] == 8
     assert "segmenter" in results["fid_3d_segmenter"]["settings"]["network"]
     assert np.isfinite(results["mmd_3d_segmenter"]["value"])
+
+
+def test_synthetic_folders_merge_and_refuse_a_repeated_stem(tmp_path):
+    for folder, stems in (("a", ["c1_syn0", "c2_syn0"]), ("b", ["c3_syn0"])):
+        (tmp_path / folder).mkdir()
+        for stem in stems:
+            (tmp_path / folder / f"{stem}.nii.gz").write_bytes(b"")
+    files = segmentation.list_synthetic([tmp_path / "a", str(tmp_path / "b")])
+    assert list(files) == ["c1_syn0", "c2_syn0", "c3_syn0"] and files["c3_syn0"].parent == tmp_path / "b"
+    assert list(segmentation.list_synthetic(tmp_path / "a")) == ["c1_syn0", "c2_syn0"]
+    (tmp_path / "b" / "c1_syn0.nii.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="c1_syn0"):
+        segmentation.list_synthetic([tmp_path / "a", tmp_path / "b"])
