@@ -13,14 +13,15 @@ export PYTHON="$PWD/.venv/bin/python"
 python -m dataset.check dataset=demo
 bash vqgan.sh experiment=demo "$@"
 bash diffusion.sh experiment=demo "$@"
-# The demo images are MR in native units of about 0..1000: SSIM/PSNR use that data range.
+# The demo images are MR, whose units are arbitrary per scan (each subject has its own gain): metrics compare
+# each volume scaled by its own percentiles (domain=percentile, data range 2).
 bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmpp_2m sample:steps=25 \
-    sample:preview=true evaluate:data_range=1000
+    sample:preview=true evaluate:domain=percentile
 # Scans synthesised from the training label maps feed the augmentation arm of the segmentation experiment.
 python -m train.test_split run_dir=runs/diffusion-demo out=runs/demo-eval/train split=train overwrite=true
 python -m ddpm.sample ckpt=runs/diffusion-demo/last.ckpt labels=runs/demo-eval/train/labels \
     out=runs/demo-eval/samples-train sampler=dpmpp_2m steps=25 overwrite=true
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
     split_file=runs/diffusion-demo/split.json "synthetic=[runs/demo-eval/samples,runs/demo-eval/samples-train]" \
-    train.steps=120 "augmentation.seeds=[0]"
+    train.steps=400 "augmentation.seeds=[0,1]"
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"
