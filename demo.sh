@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded demo data, on this machine (a 2-core CPU is enough):
 #   install -> build + check the demo data -> stage 1 -> stage 2 -> synthesise the held-out test label maps
-#   -> evaluate -> segmentation-based mask fidelity and augmentation.
+#   -> evaluate -> segmentation-based mask fidelity and augmentation -> memorisation audit.
 # Everything is written under runs/. Re-running resumes the training runs and regenerates the rest.
 # Extra arguments are Hydra overrides for both training stages, e.g. `bash demo.sh trainer.max_steps=50`.
 set -euo pipefail
@@ -24,4 +24,8 @@ python -m ddpm.sample ckpt=runs/diffusion-demo/last.ckpt labels=runs/demo-eval/t
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
     split_file=runs/diffusion-demo/split.json "synthetic=[runs/demo-eval/samples,runs/demo-eval/samples-train]" \
     train.steps=400 "augmentation.seeds=[0,1]"
+# Are the synthetic scans copies of training scans? Nearest training volume by NCC and by segmenter features.
+python -m evaluation.memorization train=runs/demo-eval/train/images fake=runs/demo-eval/samples \
+    out=runs/demo-eval/memorization overwrite=true features=segmenter \
+    segmenter=runs/demo-eval/segmentation/segmenter.pt
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

@@ -50,7 +50,8 @@ def edit(labels: np.ndarray, affine: np.ndarray, class_index: int, args, source:
 
     labels = as_label_array(labels, source)
     op_args = {"scale": {"factor": args.factor}, "move": {"offset_mm": args.offset_mm}}[args.op]
-    result = edit_label_map(labels, affine, args.op, class_index, options=EditOptions(), source=source, **op_args)
+    options = EditOptions(host_classes=args.host_classes, forbidden_classes=args.forbidden_classes)
+    result = edit_label_map(labels, affine, args.op, class_index, options=options, source=source, **op_args)
     return result.labels, result.summary()
 
 
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> Path:
                         help="class to edit (default: the model's last class, the lesion in the demo)")
     parser.add_argument("--factor", type=float, default=1.8, help="--op scale: growth factor")
     parser.add_argument("--offset-mm", type=float, nargs=3, default=[12.0, 0.0, 0.0], help="--op move: shift")
+    parser.add_argument("--host-classes", type=int, nargs="+", default=None,
+                        help="classes the edited lesion must stay inside (default: the class around it); the demo "
+                             "lesion borders grey matter and CSF, so the README figure uses --host-classes 1 2 3")
+    parser.add_argument("--forbidden-classes", type=int, nargs="*", default=[],
+                        help="classes the edited lesion must not touch, e.g. 0 (background)")
     parser.add_argument("--margin-mm", type=float, default=6.0)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resample", type=int, default=3)
