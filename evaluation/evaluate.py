@@ -1,4 +1,5 @@
-"""python -m evaluation.evaluate real=DIR fake=DIR [labels=DIR] out=DIR [metrics=[...]] [domain=native|normalized|percentile]
+"""python -m evaluation.evaluate real=DIR fake=DIR [labels=DIR] out=DIR [metrics=[...]]
+    [domain=native|normalized|percentile]
 
 Paired image metrics (SSIM, MS-SSIM, PSNR, RMSE, MAE, LPIPS) between each synthetic volume and the real volume of
 its stem, distribution metrics (FID/MMD on 2D Inception and 3D features) over all files, diversity between

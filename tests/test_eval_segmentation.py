@@ -44,7 +44,8 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
                           modality="ct", seed=3)
     overrides = ["dataset=nifti", f"dataset.root_dir={data}", "dataset.label_nc=3", "dataset.spacing=[2,2,2]",
                  "dataset.crop_size=[16,16,16]", "dataset.split.test_fraction=0.25",
-                 f"dataset.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}", f"synthetic=[{tmp_path / 'syn'},{tmp_path / 'syn_train'}]",
+                 f"dataset.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}",
+                 f"synthetic=[{tmp_path / 'syn'},{tmp_path / 'syn_train'}]",
                  "train.steps=25", "train.lr=0.01", "augmentation.seeds=[0,1]", "bootstrap.samples=200",
                  "device=cpu"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):

@@ -280,7 +280,8 @@ def test_counterfactual_figure_script(files, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # a missing checkpoint: one line, exit 2, nothing written
         make_figure(["--ckpt", str(tmp_path / "missing.ckpt"), *common[:-4], "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2 and not (tmp_path / "x.png").exists()
-    with pytest.raises(SystemExit) as exit_info:  # the anatomical rules reach the edit: host 0 and forbidden 1 refuse it
+    # the anatomical rules reach the edit: host class 0 and forbidden class 1 refuse it
+    with pytest.raises(SystemExit) as exit_info:
         make_figure(["--ckpt", str(files["ckpt"]), *common[:-4], "--out", str(tmp_path / "y.png"),
                      "--host-classes", "0", "--forbidden-classes", "1"])
     assert exit_info.value.code == 2 and not (tmp_path / "y.png").exists()
