@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -35,6 +34,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
+
+from benchmarks.common import run_case_in_child, sync  # noqa: E402
 
 BASELINE = {
     "train_small": {"step_s": 2.05, "peak_gib": 1.6},
@@ -76,13 +77,6 @@ def build(config: str, device, overrides: list[str]):
     model = build_latent_diffusion(diffusion_cfg.model, build_vqgan(vqgan_cfg.model, label_nc), label_nc).to(device)
     model.scale_factor.fill_(1.0)
     return model, diffusion_cfg, label_nc
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_gib(device) -> float:
@@ -170,19 +164,6 @@ def run_child(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- parent
-def launch(spec: dict, timeout: int) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_diffusion", "--child", json.dumps(spec)]
-    try:
-        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"case": spec["name"], "error": f"timed out after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"case": spec["name"], "error": f"exit {done.returncode}: {tail}"}
-    return json.loads(lines[-1])
-
-
 def with_ratios(result: dict) -> dict:
     base = BASELINE.get(result["case"])
     if base and "step_s" in result:
@@ -245,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for spec in specs:
-        result = with_ratios(launch(spec, args.timeout))
+        result = with_ratios(run_case_in_child("benchmarks.bench_diffusion", spec, args.timeout))
         results.append(result)
         print(describe(result), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -37,6 +36,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
+
+from benchmarks.common import run_case_in_child  # noqa: E402
 
 GUIDANCE = 1.5
 OVERLAP = 0.25
@@ -89,7 +90,8 @@ def phantom_label(shape, label_nc: int, seed: int = 0):
 def run_child(spec: dict) -> dict:
     import torch
 
-    from benchmarks.bench_diffusion import build, sync
+    from benchmarks.bench_diffusion import build
+    from benchmarks.common import sync
     from ddpm.latent_diffusion import make_denoiser
     from ddpm.samplers import SamplerSettings, gaussian, run_sampler
     from ddpm.windowed import decode_tiled, unet_window_denoiser
@@ -193,20 +195,6 @@ def make_specs(args) -> list[dict]:
     return specs
 
 
-def launch(spec: dict, timeout: int) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_fullvolume", "--child", json.dumps(spec)]
-    try:
-        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec, "case": spec["name"], "error": f"timed out after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        reason = "out of memory" if "MemoryError" in done.stderr or "alloc" in tail or done.returncode == -9 else tail
-        return {**spec, "case": spec["name"], "error": f"exit {done.returncode}: {reason}"[:160]}
-    return json.loads(lines[-1])
-
-
 def row(result: dict) -> str:
     shape = "x".join(map(str, result["image"]))
     window = "whole" if result.get("window") is None else "x".join(map(str, result["window"]))
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(header + (f" {'CUDA peak':>9} {'CUDA work':>9}" if args.device == "cuda" else ""), flush=True)
     results = []
     for spec in make_specs(args):
-        result = launch(spec, args.timeout)
+        result = run_case_in_child("benchmarks.bench_fullvolume", spec, args.timeout)
         results.append(result)
         print(row(result), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

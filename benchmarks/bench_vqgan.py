@@ -32,6 +32,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from benchmarks.common import sync  # noqa: E402
 from vq_gan_3d.config import build_loss, build_vqgan  # noqa: E402
 from utils.paths import CONFIG_DIR  # noqa: E402
 from vq_gan_3d.training import StageTimer, to_channels_last_3d, training_iteration  # noqa: E402
@@ -75,11 +76,6 @@ class VGG16Features(nn.Module):
 
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def median(values: list[float]) -> float:
