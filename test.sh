@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install everything and run the test suite:  bash test.sh [pytest args]
+# Install everything (the test-only packages of requirements-test.txt too) and run the test suite:
+#   bash test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/install.sh
+bash scripts/install.sh --test
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

@@ -10,6 +10,13 @@ warm-up iteration), voxels per second, peak memory (process peak RSS; CUDA peak 
 and decode one volume. On CPU at the paper settings with a 64x64x32 crop it also prints the ratio to the
 published Med-LSDM code measured on a 2-core CPU (12.9 s per iteration, 2.2 GiB peak RSS).
 
+`--config paper_widths` uses `model=vqgan_paper` (config/model/vqgan_paper.yaml: the published code's widths and
+parameter counts); with `--perceptual vgg16` the whole stage 1 then has the published capacity. Parameter counts
+of the autoencoder, the discriminators and the perceptual network are in the JSON.
+
+`--quantizer ema_vq|fsq|kl` picks the stage-1 latent kind (default: the config's, ema_vq); run one process per
+kind, since the peak memory is the process's.
+
 `--perceptual vgg16` swaps the perceptual backbone for a VGG16-shaped TorchScript network with random weights
 (same cost as the VGG-based LPIPS of the published code; the real weights cannot be downloaded here).
 """
@@ -41,14 +48,15 @@ from vq_gan_3d.training import StageTimer, to_channels_last_3d, training_iterati
 BASELINE = {"crop": [64, 64, 32], "batch": 2, "iteration_s": 12.9, "generator_s": 8.3, "discriminator_s": 4.7,
             "peak_rss_gib": 2.2}
 PAPER_CROP = [256, 256, 32]
+PAPER_CONFIGS = {"paper": [], "paper_widths": ["model=vqgan_paper"]}  # overrides: our model, the published widths
 
 
 def compose_config(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    experiment = ["experiment=demo"] if name == "demo" else []
+    preset = PAPER_CONFIGS.get(name, ["experiment=demo"])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="vqgan", overrides=experiment + ["model.gan_start_step=0", *overrides])
+        return compose(config_name="vqgan", overrides=preset + ["model.gan_start_step=0", *overrides])
 
 
 class VGG16Features(nn.Module):
@@ -74,6 +82,10 @@ class VGG16Features(nn.Module):
         return out
 
 
+def params_m(module: nn.Module | None) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
+
+
 def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -84,13 +96,15 @@ def median(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["paper", "demo"], default="paper")
+    parser.add_argument("--config", choices=[*PAPER_CONFIGS, "demo"], default="paper")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed iterations after one warm-up iteration")
     parser.add_argument("--crop", type=int, nargs=3, default=None,
                         help="X Y Z (default: 256 256 32 for paper, the demo data set's crop for demo)")
     parser.add_argument("--batch", type=int, default=None, help="default: the data set's batch size")
     parser.add_argument("--perceptual", choices=["config", "vgg16", "none"], default="config")
+    parser.add_argument("--quantizer", choices=["ema_vq", "fsq", "kl"], default=None,
+                        help="stage-1 latent kind (default: the config's)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: PyTorch's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.channels_last=false")
@@ -101,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    overrides = list(args.override)
+    overrides = list(args.override) + ([f"model.quantizer={args.quantizer}"] if args.quantizer else [])
     workdir = tempfile.TemporaryDirectory()
     if args.perceptual == "vgg16":
         path = Path(workdir.name) / "vgg16_features.pt"
@@ -110,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.perceptual == "none":
         overrides += ["model.perceptual_weight=0"]
     cfg = compose_config(args.config, overrides)
-    crop = list(args.crop) if args.crop else (PAPER_CROP if args.config == "paper" else list(cfg.dataset.crop_size))
+    paper = args.config in PAPER_CONFIGS
+    crop = list(args.crop) if args.crop else (PAPER_CROP if paper else list(cfg.dataset.crop_size))
     batch = args.batch or int(cfg.dataset.batch_size)
     m = cfg.model
 
@@ -175,10 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
     g, d = median(g_times), median(d_times)
     voxels = batch * crop[0] * crop[1] * crop[2]
     result = {
-        "config": args.config, "device": args.device, "threads": torch.get_num_threads(), "crop": crop,
+        "config": args.config, "quantizer": str(m.quantizer), "device": args.device,
+        "threads": torch.get_num_threads(), "crop": crop,
         "batch": batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.perceptual_backbone),
         "channels_last": channels_last, "gradient_checkpointing": bool(m.gradient_checkpointing),
         "slices_per_volume": int(m.slices_per_volume), "compile": args.compile,
+        "autoencoder_params_m": params_m(vqgan), "disc_2d_params_m": params_m(loss.disc_2d),
+        "disc_3d_params_m": params_m(loss.disc_3d), "perceptual_params_m": params_m(loss.perceptual),
 
         "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": voxels / (g + d),
         "encode_one_volume_s": min(enc_times), "decode_one_volume_s": min(dec_times),
@@ -190,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         result["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
-    if args.config == "paper" and device.type == "cpu" and crop == BASELINE["crop"] and batch == BASELINE["batch"]:
+    if paper and device.type == "cpu" and crop == BASELINE["crop"] and batch == BASELINE["batch"]:
         result["speedup_vs_published"] = BASELINE["iteration_s"] / result["iteration_s"]
         result["peak_rss_fraction_of_published"] = result["peak_rss_gib"] / BASELINE["peak_rss_gib"]
     print(f"per iteration: generator {g:.3f} s + discriminator {d:.3f} s = {g + d:.3f} s; "

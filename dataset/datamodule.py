@@ -23,7 +23,7 @@ from dataset.checks import DatasetSummary, validate_dataset
 from dataset.crops import center_crop, sample_crop
 from dataset.intensity import build_normalizer, reference_params
 from dataset.layout import Case, as_config
-from dataset.split import make_split, select, write_split
+from dataset.split import select, split_for, write_split
 
 
 class CropDataset(Dataset):
@@ -55,12 +55,15 @@ class CropDataset(Dataset):
 
 
 class VolumeDataModule(pl.LightningDataModule):
-    """Lightning data module over `cfg.dataset`; writes `split.json` into `run_dir` (if given)."""
+    """Lightning data module over `cfg.dataset`; writes `split.json` into `run_dir` (if given). `split`: a split
+    made earlier (stage 1's, named by `split_source` in messages) to reuse instead of splitting `cfg.split` anew."""
 
-    def __init__(self, cfg: Mapping, run_dir: str | os.PathLike | None):
+    def __init__(self, cfg: Mapping, run_dir: str | os.PathLike | None,
+                 split: Mapping[str, Sequence[str]] | None = None, split_source: str = "split"):
         super().__init__()
         self.cfg = as_config(cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._stored_split, self._split_source = split, split_source
         self.summary: DatasetSummary | None = None
         self.split: dict[str, list[str]] | None = None
         self._entries: dict[str, Path] = {}
@@ -71,7 +74,7 @@ class VolumeDataModule(pl.LightningDataModule):
     def _check_and_split(self) -> None:
         if self.summary is None:
             self.summary = validate_dataset(self.cfg)  # every bad-input check, before any work
-            self.split = make_split(self.summary.cases, self.cfg.split)
+            self.split = split_for(self.summary.cases, self.cfg.split, self._stored_split, self._split_source)
 
     def _preprocess(self, cases: Sequence[Case]) -> None:
         missing = [c for c in cases if c.case_id not in self._entries and cache.cached_stats(c, self.cfg) is None]
@@ -149,8 +152,10 @@ def reference_intensity_params(cfg: Mapping, cases: Sequence[Case]) -> dict:
     return reference_params([cache.load_preprocessed(case, cfg).intensity_params for case in cases])
 
 
-def split_cases(cfg: Mapping) -> dict[str, list[Case]]:
-    """Validate the data set and return its cases per split (`train`, `val`, `test`), as training splits it."""
+def split_cases(cfg: Mapping, split: Mapping[str, Sequence[str]] | None = None,
+                split_source: str = "split") -> dict[str, list[Case]]:
+    """Validate the data set and return its cases per split (`train`, `val`, `test`), as training splits it
+    (`split`: a stored split to reuse, as `VolumeDataModule` takes it)."""
     summary = validate_dataset(cfg)
-    split = make_split(summary.cases, as_config(cfg).split)
+    split = split_for(summary.cases, as_config(cfg).split, split, split_source)
     return {name: select(summary.cases, split, name) for name in split}

@@ -1,10 +1,16 @@
 """The embedded demo data set, built offline from the MNI152 templates that nilearn ships.
 
 Labels: 0 background, 1 CSF/other (inside the brain envelope where neither grey nor white matter dominates; no CSF
-map ships offline), 2 grey matter, 3 white matter, 4 lesion (random irregular blobs seeded in white matter,
-brighter than every tissue). Each subject is the template under a random smooth deformation and small affine,
-with its own tissue contrast, a multiplicative bias field and Rician noise, in arbitrary MR units (int16), on
-the configured spacing. Deterministic by `demo.seed`.
+map ships offline), 2 grey matter, 3 white matter, 4 lesion. Each subject is the template under its own global
+shape (per-axis scale, rotation about every axis, a left-right asymmetry: each hemisphere scaled on its own in
+width and length) and a smooth random deformation, with its own tissue contrast, a multiplicative bias field and
+Rician noise, in arbitrary MR units (int16), on the configured spacing.
+
+Lesions (`dataset.demo.lesions`): a random number per subject, each with a random host tissue (white or grey
+matter; the lesion is clipped to its host, so it lies inside it), an equivalent radius, a shape (a randomly
+oriented ellipsoid or a lumpy blob) and an appearance (homogeneous and brighter than every tissue, or a ring:
+a bright rim around a core darker than white matter). Lesions never touch each other. Their parameters are
+written to `lesions.json`. Deterministic by `demo.seed`.
 
 Built on first use into `<cache_dir>/demo/` (`images/` + `labels/`, `subject000.nii.gz`, ...) in a temporary
 folder that is renamed into place; rebuilt only when its settings change.
@@ -18,37 +24,99 @@ import functools
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from dataset.geometry import to_model_grid
-from dataset.io import load_nifti, save_nifti
-from dataset.layout import as_config
+from dataset.io import load_nifti, save_nifti, strip_nifti_suffix
 from utils.atomic import atomic_path
 from utils.errors import UserError, exit_on_user_error
 from utils.paths import CONFIG_DIR, cache_dir
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 CLASS_NAMES = ("background", "csf_other", "grey_matter", "white_matter", "lesion")
-LESION_CONTRAST = 1.3  # lesion intensity relative to the subject's median white-matter intensity
-MAX_DISPLACEMENT_MM = 4.0
+LESION = 4
+HOSTS = {"grey_matter": 2, "white_matter": 3}
+SHAPES = ("ellipsoid", "lumpy")
+APPEARANCES = ("homogeneous", "ring")
+MAX_DISPLACEMENT_MM = 10.0      # smooth deformation, at most one cycle per field of view
+SCALE_RANGE = 0.12              # per-axis scale in 1 +- SCALE_RANGE
+ROTATION_DEG = 12.0             # about each axis
+ASYMMETRY = 0.06                # each hemisphere's width and length scaled by 1 +- ASYMMETRY on its own
+HEMISPHERE_BLEND_MM = 10.0      # width of the smooth step between the hemispheres' scalings
+RING_MIN_RADIUS_MM = 6.0        # a ring needs room for a rim and a core
+RING_CORE = 0.55                # core: inside this fraction of the lesion's radius
+LESION_BRIGHTNESS = (1.2, 1.45)  # homogeneous lesions and ring rims, relative to the median white matter
+CORE_DARKNESS = (0.45, 0.7)     # ring cores, relative to the median white matter
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One drawn lesion: `radius_mm` is the equivalent-sphere radius of its shape before it is clipped to its
+    host tissue."""
+
+    host: str
+    radius_mm: float
+    shape: str
+    appearance: str
+
+
+@dataclass
+class Subject:
+    image: np.ndarray        # int16, arbitrary MR units
+    label: np.ndarray        # uint8, CLASS_NAMES
+    tissue: np.ndarray       # uint8, the label map before the lesions were painted in
+    lesions: list[Lesion]
+    masks: list[np.ndarray]  # one boolean mask per lesion
+    centres: list[tuple[int, int, int]]
 
 
 def demo_root(cfg: Mapping) -> Path:
-    return cache_dir(as_config(cfg).get("cache_dir")) / "demo"
+    return cache_dir(cfg.get("cache_dir")) / "demo"
+
+
+def _choices(value, key: str, allowed: Sequence[str]) -> list[str]:
+    chosen = [str(v) for v in value]
+    if not chosen or any(v not in allowed for v in chosen):
+        raise UserError(f"dataset.demo.lesions.{key}: need a non-empty list of {', '.join(allowed)}, got {chosen}")
+    return chosen
+
+
+def _range(value, key: str, kind, minimum) -> list:
+    low, high = (kind(v) for v in value) if len(value) == 2 else (None, None)
+    if low is None or not minimum <= low <= high:
+        raise UserError(f"dataset.demo.lesions.{key}: need [low, high] with {minimum} <= low <= high, got "
+                        f"{list(value)}")
+    return [low, high]
+
+
+def lesion_settings(demo_cfg: Mapping) -> dict:
+    """The checked `dataset.demo.lesions` settings."""
+    lesions = demo_cfg["lesions"]
+    return {"count": _range(lesions["count"], "count", int, 0),
+            "radius_mm": _range(lesions["radius_mm"], "radius_mm", float, 0.5),
+            "hosts": _choices(lesions["hosts"], "hosts", tuple(HOSTS)),
+            "shapes": _choices(lesions["shapes"], "shapes", SHAPES),
+            "appearances": _choices(lesions["appearances"], "appearances", APPEARANCES)}
 
 
 def demo_settings(cfg: Mapping) -> dict:
-    cfg = as_config(cfg)
-    return {"version": DEMO_VERSION, "n_subjects": int(cfg.demo.n_subjects), "seed": int(cfg.demo.seed),
-            "spacing": [float(s) for s in cfg.spacing]}
+    demo = cfg["demo"]
+    return {"version": DEMO_VERSION, "n_subjects": int(demo["n_subjects"]), "seed": int(demo["seed"]),
+            "spacing": [float(s) for s in cfg["spacing"]], "lesions": lesion_settings(demo)}
 
 
 def subject_ids(n_subjects: int) -> list[str]:
     return [f"subject{i:03d}" for i in range(n_subjects)]
+
+
+def subject_rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(anatomy, lesions) generators of subject `index`: the lesion plan does not depend on the anatomy."""
+    return np.random.default_rng([seed, index]), np.random.default_rng([seed, index, 1])
 
 
 def load_templates(spacing) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -82,76 +150,157 @@ def _smooth_noise(rng: np.random.Generator, shape, max_cycles: float = 1.0, n_wa
     return (field / max(1e-6, float(np.abs(field).max()))).astype(np.float32)
 
 
+def _rotation(angles_rad) -> np.ndarray:
+    """Rotation about X, then Y, then Z."""
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles_rad):
+        i, j = [a for a in range(3) if a != axis]
+        step = np.eye(3)
+        step[i, i] = step[j, j] = np.cos(angle)
+        step[i, j], step[j, i] = -np.sin(angle), np.sin(angle)
+        matrix = step @ matrix
+    return matrix
+
+
 def _sampling_coordinates(rng: np.random.Generator, shape, spacing) -> np.ndarray:
-    """Voxel coordinates to sample the template at: a small random affine plus a smooth displacement."""
-    centre = (np.asarray(shape) - 1) / 2
-    angle = np.deg2rad(rng.uniform(-6, 6))
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    matrix = rotation @ np.diag(rng.uniform(0.93, 1.07, size=3))
+    """Voxel coordinates to sample the template at: each hemisphere's own width and length scaling, a global
+    per-axis scale and rotation, plus a smooth displacement."""
+    spacing = np.asarray(spacing, dtype=np.float32)
+    centre = (np.asarray(shape, dtype=np.float32) - 1) / 2
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     offsets = grid - centre[:, None, None, None]
-    coords = np.einsum("ij,j...->i...", matrix, offsets) + centre[:, None, None, None]
+    side = np.tanh(offsets[0] * spacing[0] / HEMISPHERE_BLEND_MM)  # -1 one hemisphere, +1 the other
+    width, length = rng.uniform(-ASYMMETRY, ASYMMETRY, size=2)
+    offsets[0] *= 1.0 + width * side
+    offsets[1] *= 1.0 + length * side
+    matrix = _rotation(np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, size=3))) @ np.diag(
+        rng.uniform(1.0 - SCALE_RANGE, 1.0 + SCALE_RANGE, size=3))
+    coords = np.einsum("ij,j...->i...", matrix.astype(np.float32), offsets) + centre[:, None, None, None]
     for axis in range(3):
         coords[axis] += _smooth_noise(rng, shape) * MAX_DISPLACEMENT_MM / float(spacing[axis])
     return coords
 
 
-def _lesions(rng: np.random.Generator, white_matter: np.ndarray, envelope: np.ndarray, spacing) -> np.ndarray:
-    """1-3 irregular blobs of 6-12 mm radius, centred on white-matter voxels, kept inside the brain."""
-    lesion = np.zeros(white_matter.shape, dtype=bool)
-    candidates = np.argwhere(ndimage.binary_erosion(white_matter, iterations=1))
-    if len(candidates) == 0:
-        candidates = np.argwhere(white_matter)
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in white_matter.shape], indexing="ij")).astype(np.float32)
-    for _ in range(int(rng.integers(1, 4))):
-        centre = candidates[rng.integers(len(candidates))]
-        radii = rng.uniform(6.0, 12.0, size=3) / np.asarray(spacing, dtype=np.float32)
-        distance = np.sqrt(sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3)))
-        wobble = 0.25 * _smooth_noise(rng, white_matter.shape, max_cycles=4.0)
-        lesion |= (distance + wobble) < 1.0
-    return lesion & envelope
+def plan_lesions(rng: np.random.Generator, settings: Mapping) -> list[Lesion]:
+    """The lesions of one subject (the first draws of its lesion generator)."""
+    low, high = settings["radius_mm"]
+    plan = []
+    for _ in range(int(rng.integers(settings["count"][0], settings["count"][1] + 1))):
+        host = settings["hosts"][int(rng.integers(len(settings["hosts"])))]
+        shape = settings["shapes"][int(rng.integers(len(settings["shapes"])))]
+        appearance = settings["appearances"][int(rng.integers(len(settings["appearances"])))]
+        smallest = low if appearance == "homogeneous" else min(high, max(low, RING_MIN_RADIUS_MM))
+        plan.append(Lesion(host, float(rng.uniform(smallest, high)), shape, appearance))
+    return plan
 
 
-def make_subject(templates: Mapping[str, np.ndarray], spacing, rng: np.random.Generator):
-    """(image int16, label uint8) of one synthetic subject."""
+def _lesion_distance(rng: np.random.Generator, lesion: Lesion, offsets_mm: np.ndarray) -> np.ndarray:
+    """Normalised distance from the centre (< 1 inside) of a randomly oriented ellipsoid, lumpy if asked."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    orientation = q * np.sign(np.diag(r))
+    ratios = np.exp(rng.uniform(-0.4, 0.4, size=3))
+    semi_axes = lesion.radius_mm * ratios / np.prod(ratios) ** (1 / 3)
+    local = np.einsum("ji,j...->i...", orientation, offsets_mm) / semi_axes[:, None, None, None]
+    distance = np.sqrt((local ** 2).sum(axis=0))
+    if lesion.shape == "lumpy":
+        distance = distance * (1.0 + 0.35 * _smooth_noise(rng, distance.shape, max_cycles=1.5))
+    return distance
+
+
+def _place_lesions(rng: np.random.Generator, plan: list[Lesion], tissue: np.ndarray, spacing):
+    """(masks, cores, centres): each lesion centred where its host tissue has room (deep inside it and away from
+    earlier lesions), clipped to its host and kept one voxel away from every other lesion."""
+    spacing = np.asarray(spacing, dtype=np.float32)
+    occupied = np.zeros(tissue.shape, dtype=bool)
+    masks, cores, centres = [], [], []
+    for lesion in plan:
+        host = tissue == HOSTS[lesion.host]
+        free = host & ~ndimage.binary_dilation(occupied, iterations=1) if occupied.any() else host
+        if not free.any():
+            raise RuntimeError(f"demo: no {lesion.host} left for a lesion")
+        room = ndimage.distance_transform_edt(free, sampling=spacing)
+        wanted = min(lesion.radius_mm, float(np.quantile(room[free], 0.9)))
+        candidates = np.argwhere(free & (room >= wanted))
+        centre = candidates[int(rng.integers(len(candidates)))]
+        half = np.ceil(1.4 * lesion.radius_mm / spacing).astype(int)
+        low, high = np.maximum(centre - half, 0), np.minimum(centre + half + 1, tissue.shape)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        offsets = np.stack(np.meshgrid(*[np.arange(a, b) - c for a, b, c in zip(low, high, centre)],
+                                       indexing="ij")).astype(np.float32) * spacing[:, None, None, None]
+        distance = _lesion_distance(rng, lesion, offsets)
+        distance[tuple(centre - low)] = 0.0  # the centre voxel always belongs to the lesion
+        mask = np.zeros(tissue.shape, dtype=bool)
+        mask[box] = (distance < 1.0) & free[box]
+        core = np.zeros(tissue.shape, dtype=bool)
+        if lesion.appearance == "ring":
+            core[box] = (distance < RING_CORE) & mask[box]
+        occupied |= mask
+        masks.append(mask)
+        cores.append(core)
+        centres.append(tuple(int(c) for c in centre))
+    return masks, cores, centres
+
+
+def make_subject(templates: Mapping[str, np.ndarray], spacing, rngs, lesion_cfg: Mapping) -> Subject:
+    """One synthetic subject from its (anatomy, lesions) generators (`subject_rngs`)."""
+    anatomy_rng, lesion_rng = rngs
     shape = templates["t1"].shape
-    coords = _sampling_coordinates(rng, shape, spacing)
+    coords = _sampling_coordinates(anatomy_rng, shape, spacing)
     warped = {k: ndimage.map_coordinates(v, coords, order=1, mode="constant", cval=0.0)
               for k, v in templates.items()}
     envelope = ndimage.binary_fill_holes((warped["t1"] > 0.2) | (warped["gm"] + warped["wm"] > 0.2))
     csf = np.clip(1.0 - warped["gm"] - warped["wm"], 0.0, 1.0)
-    label = (np.argmax(np.stack([csf, warped["gm"], warped["wm"]]), axis=0) + 1).astype(np.uint8)
-    label[~envelope] = 0
-    lesion = _lesions(rng, label == 3, envelope, spacing)
-    label[lesion] = 4
+    tissue = (np.argmax(np.stack([csf, warped["gm"], warped["wm"]]), axis=0) + 1).astype(np.uint8)
+    tissue[~envelope] = 0
+    plan = plan_lesions(lesion_rng, lesion_cfg)
+    masks, cores, centres = _place_lesions(lesion_rng, plan, tissue, spacing)
+    label = tissue.copy()
+    lesion = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        label[mask] = LESION
+        lesion |= mask
 
-    # tissue contrast jitter, then lesions brighter than every tissue, blended at their edge
-    t1 = warped["t1"] * (1.0 + rng.uniform(-0.06, 0.06) * warped["gm"] + rng.uniform(-0.06, 0.06) * warped["wm"])
-    lesion_value = LESION_CONTRAST * float(np.median(t1[label == 3]))
-    weight = ndimage.gaussian_filter(lesion.astype(np.float32), sigma=0.6) * envelope
-    weight[lesion] = 1.0
-    t1 = t1 * (1.0 - weight) + lesion_value * weight
+    # tissue contrast jitter, then the lesions' own intensities, blended at their edge
+    t1 = warped["t1"] * (1.0 + anatomy_rng.uniform(-0.06, 0.06) * warped["gm"]
+                         + anatomy_rng.uniform(-0.06, 0.06) * warped["wm"])
+    white = float(np.median(t1[tissue == HOSTS["white_matter"]]))
+    value = np.zeros(shape, dtype=np.float32)
+    for mask, core in zip(masks, cores):
+        value[mask] = lesion_rng.uniform(*LESION_BRIGHTNESS) * white
+        value[core] = lesion_rng.uniform(*CORE_DARKNESS) * white
+    if lesion.any():  # each voxel outside a lesion blends with its nearest lesion voxel's value
+        nearest = ndimage.distance_transform_edt(~lesion, return_distances=False, return_indices=True)
+        weight = ndimage.gaussian_filter(lesion.astype(np.float32), sigma=0.6) * envelope
+        weight[lesion] = 1.0
+        t1 = t1 * (1.0 - weight) + value[tuple(nearest)] * weight
 
-    bias = np.exp(0.15 * _smooth_noise(rng, shape, max_cycles=0.6))
-    gain = rng.uniform(600.0, 1000.0)
+    bias = np.exp(0.15 * _smooth_noise(anatomy_rng, shape, max_cycles=0.6))
+    gain = anatomy_rng.uniform(600.0, 1000.0)
     clean = t1 * bias * gain
     sigma = 0.02 * gain
-    noisy = np.sqrt((clean + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)
-    return np.round(noisy).astype(np.int16), label
+    noisy = np.sqrt((clean + anatomy_rng.normal(0, sigma, shape)) ** 2 + anatomy_rng.normal(0, sigma, shape) ** 2)
+    return Subject(np.round(noisy).astype(np.int16), label, tissue, plan, masks, centres)
 
 
-def build_demo_dataset(root: Path, cfg: Mapping) -> None:
-    """Write the demo data set into the (new or empty) folder `root`."""
+def build_demo_dataset(root: Path, cfg: Mapping, indices: Sequence[int] | None = None) -> None:
+    """Write the demo data set into the (new or empty) folder `root`: every subject, or only those `indices`
+    (the same bytes as in the full build)."""
     settings = demo_settings(cfg)
     if settings["n_subjects"] < 1:
         raise UserError(f"dataset.demo.n_subjects: need at least 1 subject, got {settings['n_subjects']}")
     templates, affine = load_templates(settings["spacing"])
-    for index, case_id in enumerate(subject_ids(settings["n_subjects"])):
-        rng = np.random.default_rng([settings["seed"], index])
-        image, label = make_subject(templates, settings["spacing"], rng)
-        save_nifti(image, affine, root / "images" / f"{case_id}.nii.gz")
-        save_nifti(label, affine, root / "labels" / f"{case_id}.nii.gz")
-    (root / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
+    ids = subject_ids(settings["n_subjects"])
+    lesions = {}
+    for index in range(settings["n_subjects"]) if indices is None else indices:
+        subject = make_subject(templates, settings["spacing"], subject_rngs(settings["seed"], index),
+                               settings["lesions"])
+        save_nifti(subject.image, affine, root / "images" / f"{ids[index]}.nii.gz")
+        save_nifti(subject.label, affine, root / "labels" / f"{ids[index]}.nii.gz")
+        lesions[ids[index]] = [{**asdict(lesion), "centre_voxel": list(centre), "n_voxels": int(mask.sum())}
+                               for lesion, centre, mask in zip(subject.lesions, subject.centres, subject.masks)]
+    (root / "lesions.json").write_text(json.dumps(lesions, indent=1) + "\n")
+    if indices is None:  # marks a complete build
+        (root / "demo.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def _current(root: Path, settings: dict) -> bool:
@@ -191,7 +340,8 @@ def ensure_demo_dataset(cfg: Mapping) -> Path:
 
 
 def write_preview(root: Path, path: Path, n_subjects: int = 4, overwrite: bool = True) -> Path:
-    """PNG of `n_subjects` subjects: axial and coronal slices through a lesion, without and with labels."""
+    """PNG of `n_subjects` subjects: axial and coronal slices through the largest lesion (the middle without
+    one), without and with labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,12 +352,15 @@ def write_preview(root: Path, path: Path, n_subjects: int = 4, overwrite: bool =
     if not images:
         raise UserError(f"{root}: no demo images to preview")
     colours = ListedColormap(["#00000000", "#1f77b4", "#2ca02c", "#ffdd57", "#d62728"])
+    planned = json.loads((root / "lesions.json").read_text()) if (root / "lesions.json").is_file() else {}
     figure, axes = plt.subplots(len(images), 4, figsize=(9.0, 2.4 * len(images)), squeeze=False)
     for row, image_path in enumerate(images):
         image, affine = load_nifti(image_path)
         label, _ = load_nifti(root / "labels" / image_path.name)
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        components, n_components = ndimage.label(label == 4)
+        name = strip_nifti_suffix(image_path.name)
+        components, n_components = ndimage.label(label == LESION)
+        n_lesions = len(planned[name]) if name in planned else n_components
         if n_components:  # slices through the largest lesion
             largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
             centre = np.argwhere(components == largest).mean(axis=0).round().astype(int)
@@ -223,7 +376,7 @@ def write_preview(root: Path, path: Path, n_subjects: int = 4, overwrite: bool =
                     axis.imshow(np.ma.masked_equal(label_slice.T, 0), cmap=colours, vmin=0, vmax=4, alpha=0.5,
                                 origin="lower", aspect=aspect, interpolation="nearest")
                 axis.set_axis_off()
-                axis.set_title(f"{image_path.name.split('.')[0]} {title}{' + labels' if overlay else ''}",
+                axis.set_title(f"{name} {title}{f' + labels ({n_lesions} lesions)' if overlay else ''}",
                                fontsize=8)
     figure.suptitle("demo data: CSF/other (blue), grey matter (green), white matter (yellow), lesion (red)",
                     fontsize=9)

@@ -2,8 +2,9 @@
 
 Written by `train.lit_diffusion` (a Lightning checkpoint plus these keys):
 - `"stage": "diffusion"`;
-- `"diffusion"`: `{"model": LatentDiffusion.hparams, "vqgan": VQGAN.hparams, "dataset": {...},
-  "intensity_reference": {...}}`: network and schedule settings, the data set's grid and intensity settings
+- `"diffusion"`: `{"model": LatentDiffusion.hparams, "vqgan": VQGAN.hparams, "stage1_kind": "ema_vq"|"fsq"|"kl",
+  "dataset": {...}, "intensity_reference": {...}}`: network and schedule settings, the stage-1 latent kind the
+  diffusion was trained on (it must agree with the stored stage-1 settings), the data set's grid and intensity settings
   (spacing, normalisation, label classes, modality) and the training-set reference intensity params that map
   generated volumes back to native units;
 - `"state_dict"`: `model.*` weights (VQ-GAN, UNet, EMA UNet, latent `scale_factor`).
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from ddpm.latent_diffusion import LatentDiffusion
+from utils.checkpoint import load_weights, read_checkpoint, rebuild
 from utils.errors import UserError
-from vq_gan_3d.model import VQGAN
+from vq_gan_3d.model import VQGAN, latent_kind
 
 STAGE = "diffusion"
 STATE_PREFIX = "model."
@@ -27,7 +29,8 @@ STATE_PREFIX = "model."
 
 def checkpoint_metadata(model: LatentDiffusion, *, dataset: dict[str, Any],
                         intensity_reference: dict[str, Any] | None) -> dict[str, Any]:
-    return {"model": dict(model.hparams), "vqgan": dict(model.vqgan.hparams), "dataset": dict(dataset),
+    return {"model": dict(model.hparams), "vqgan": dict(model.vqgan.hparams), "stage1_kind": model.vqgan.kind,
+            "dataset": dict(dataset),
             "intensity_reference": dict(intensity_reference) if intensity_reference else None}
 
 
@@ -39,44 +42,23 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path, map_location) -> dict:
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint not found")
-    if not path.is_file() or path.stat().st_size == 0:
-        raise UserError(f"{path}: not a checkpoint file (empty or not a file)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for non-checkpoints; all mean the same to the user
-        message = " ".join(str(err).split())[:120]
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {message})") from None
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path}: not a checkpoint of this project (no dictionary inside)")
-    return checkpoint
-
-
 def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                    ) -> tuple[LatentDiffusion, dict[str, Any]]:
     """Rebuild the stage-2 model (eval mode, no gradients) from its checkpoint alone; returns it and the
     `"diffusion"` metadata. Any problem with the file is a one-line `UserError` naming it."""
     path = Path(path)
-    checkpoint = _read(path, map_location)
-    stage = checkpoint.get("stage")
-    if stage != STAGE:
-        what = "a stage-1 (VQ-GAN) checkpoint" if stage == "vqgan" else "not a stage-2 checkpoint of this project"
-        raise UserError(f"{path}: {what}; sampling needs the last.ckpt/best.ckpt of a diffusion training run")
-    meta, state = checkpoint.get("diffusion"), checkpoint.get("state_dict")
-    if not isinstance(meta, dict) or not isinstance(state, dict) or not {"model", "vqgan", "dataset"} <= set(meta):
-        raise UserError(f"{path}: malformed stage-2 checkpoint (missing model settings or weights)")
-    try:
-        model = LatentDiffusion.from_hparams(meta["model"], VQGAN.from_hparams(meta["vqgan"]))
-    except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: malformed stage-2 checkpoint (cannot rebuild the model: {err})") from None
-    weights = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        first = " ".join(str(err).split())[:160]
-        raise UserError(f"{path}: weights do not match the stored model settings ({first})") from None
+    checkpoint = read_checkpoint(path, STAGE, map_location=map_location,
+                                 needed="sampling needs the last.ckpt/best.ckpt of a diffusion training run")
+    meta = checkpoint[STAGE]
+    if not {"model", "vqgan", "dataset"} <= set(meta):
+        raise UserError(f"{path}: malformed stage-2 checkpoint (missing model settings)")
+    recorded, stored = meta.get("stage1_kind"), latent_kind(meta["vqgan"])
+    if recorded is not None and recorded != stored:  # checkpoints written before the kinds record none
+        raise UserError(f"{path}: stage 2 was trained on a {recorded!r} stage-1 latent, but the stored stage-1 "
+                        f"settings are of kind {stored!r}")
+    model = rebuild(path, STAGE,
+                    lambda: LatentDiffusion.from_hparams(meta["model"], VQGAN.from_hparams(meta["vqgan"])))
+    load_weights(model, checkpoint["state_dict"], STATE_PREFIX, path, "model")
     if not model.has_scale_factor:
         raise UserError(f"{path}: the latent scale factor was never computed (saved before training started)")
     return model.eval().requires_grad_(False), meta

@@ -14,7 +14,8 @@ def unet_settings(model_cfg: DictConfig) -> dict[str, Any]:
     """UNet keyword arguments from `cfg.model`."""
     unet = model_cfg.unet
     return dict(
-        decoder=str(model_cfg.decoder), base_channels=int(unet.base_channels),
+        decoder=str(model_cfg.decoder), block=str(unet.block), resnet_kernel=[int(k) for k in unet.resnet_kernel],
+        base_channels=int(unet.base_channels),
         channel_mult=[int(m) for m in unet.channel_mult], num_res_blocks=int(unet.num_res_blocks),
         attention_levels=[int(a) for a in unet.attention_levels], head_channels=int(unet.head_channels),
         group_width=int(unet.group_width), expansion=int(unet.expansion), norm_groups=int(unet.norm_groups),

@@ -147,9 +147,12 @@ def blend_back(image: np.ndarray, synthetic: np.ndarray, zone: np.ndarray, weigh
 @torch.no_grad()
 def inpaint_volume(synth: Synthesizer, image: np.ndarray, affine: np.ndarray, labels: np.ndarray,
                    region: np.ndarray, *, settings: InpaintSettings, generator: torch.Generator, callback=None,
-                   names: Sequence[str] = ("image", "labels", "region")) -> InpaintResult:
+                   names: Sequence[str] = ("image", "labels", "region"), known: np.ndarray | None = None
+                   ) -> InpaintResult:
     """Inpaint `region` of `image` (native units, any grid) following `labels` (same grid), with the windows
-    of `synth`."""
+    of `synth`. `known` (a mask on the same grid, optional): the latent voxels it touches keep the image's latent
+    even where the zone touches them too; the zone's voxels there are decoded from it (a patient prior's kept
+    slices, `ddpm.prior`)."""
     model, device = synth.model, synth.device
     factor = model.vqgan.downsample
     zone, weight = region_zone(region, affine, settings.margin_mm, names[2])
@@ -160,11 +163,19 @@ def inpaint_volume(synth: Synthesizer, image: np.ndarray, affine: np.ndarray, la
     except ValueError as err:
         raise UserError(f"{names[0]}: cannot normalise the image ({err})") from None
     padded, pads = pad_to_multiple(normalised, model.image_multiple, IMAGE_PAD_VALUE)
-    model_zone = pad_to_multiple(to_model_grid(zone.astype(np.float32), affine, synth.spacing, is_label=False)[0],
-                                 model.image_multiple, 0.0)[0] > ZONE_THRESHOLD
     latent_shape = [s // f for s, f in zip(padded.shape, factor)]
-    unknown = model_zone.reshape(latent_shape[0], factor[0], latent_shape[1], factor[1], latent_shape[2],
-                                 factor[2]).any(axis=(1, 3, 5))
+
+    def touched(mask: np.ndarray) -> np.ndarray:  # latent voxels holding a model-grid voxel of the mask
+        on_grid = pad_to_multiple(to_model_grid(mask.astype(np.float32), affine, synth.spacing, is_label=False)[0],
+                                  model.image_multiple, 0.0)[0] > ZONE_THRESHOLD
+        return on_grid.reshape(latent_shape[0], factor[0], latent_shape[1], factor[1], latent_shape[2],
+                               factor[2]).any(axis=(1, 3, 5))
+
+    unknown = touched(zone)
+    if known is not None:
+        unknown &= ~touched(np.asarray(known) != 0)
+        if not unknown.any():
+            raise UserError(f"{names[2]}: every latent voxel is known; nothing is left to synthesise")
     box = latent_box(unknown, [w // 2 for w in synth.window], model.unet.required_multiple)
     image_box = tuple(slice(b.start * f, b.stop * f) for b, f in zip(box, factor))
 

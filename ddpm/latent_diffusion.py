@@ -4,7 +4,8 @@ and the latent scale factor, with the training loss and label-to-image synthesis
 The diffusion runs on `scale_factor * vqgan.encode(image)` (the continuous latent before quantisation), scaled to
 unit variance. `scale_factor` is a buffer, 1/std of training latents, set once by `set_scale_factor_from` and saved
 with the weights, so sampling never depends on anyone remembering it. Decoding divides it out again and lets the
-VQ-GAN quantise and decode.
+VQ-GAN quantise and decode. Nothing here depends on the stage-1 latent kind (`vqgan.kind`: ema_vq, fsq or kl):
+`encode` gives that kind's continuous latent and `decode` its quantisation (nearest code, rounding, or none).
 """
 from __future__ import annotations
 
@@ -163,8 +164,15 @@ class LatentDiffusion(nn.Module):
     # training ----------------------------------------------------------------------------------------------
     def training_loss(self, image: torch.Tensor, label: torch.Tensor, *,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        return denoising_loss(self.unet, self.schedule, self.encode(image), label, loss=self.loss_kind,
-                              cond_drop_prob=self.cond_drop_prob, generator=generator)
+        return self.latent_training_loss(self.encode_unscaled(image), label, generator=generator)
+
+    def latent_training_loss(self, latent: torch.Tensor, label: torch.Tensor, *,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoising loss on an unscaled stage-1 latent (encoded now, or read from the latent cache)."""
+        if not self.has_scale_factor:
+            raise RuntimeError("the latent scale factor is not set: call set_scale_factor_from() first")
+        return denoising_loss(self.unet, self.schedule, latent.float() * self.scale_factor, label,
+                              loss=self.loss_kind, cond_drop_prob=self.cond_drop_prob, generator=generator)
 
     def update_ema(self, step: int) -> None:
         ema_update(self.ema_unet, self.unet, self.ema_decay, step)

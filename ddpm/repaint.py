@@ -9,37 +9,18 @@ tied to `x0_known` (Lugmayr et al. 2022):
 - `strength` < 1 starts from `x0_known` noised to an intermediate level (Meng et al. 2022, SDEdit): only the grid
   steps below `strength * T` run, so the unknown part keeps some of the original (gentler edits);
 - the result is `x0_known` exactly outside `unknown`.
-With `unknown` all true, `resample=0` and `strength=1` this is the plain DDPM/DDIM sampler of `ddpm.samplers`.
+The loop is over the `step` of a `ddpm.samplers` scheduler (DDPM or DDIM: one-step samplers, since a resampled
+step is visited several times) and the schedule's `q_sample`; with `unknown` all true, `resample=0` it is the
+plain sampler (`strength` < 1: started from `partial_start`).
 """
 from __future__ import annotations
 
 import torch
 
-from ddpm.samplers import Denoiser, StepCallback, ddim_update, ddpm_update, gaussian, partial_grid
+from ddpm.samplers import Denoiser, SamplerSettings, StepCallback, gaussian_like, make_scheduler
 from ddpm.schedule import DiffusionSchedule
 
 REPAINT_SAMPLERS = ("ddpm", "ddim")
-
-
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return gaussian(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value.to(device=like.device, dtype=like.dtype)
-
-
-def renoise(schedule: DiffusionSchedule, x_s: torch.Tensor, s: int, t: int,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """A draw of x_t given x_s (t > s) under the forward process."""
-    ratio = schedule.alpha_bar_at(t) / schedule.alpha_bar_at(s)
-    return _scalar(ratio.sqrt(), x_s) * x_s + _scalar((1 - ratio).sqrt(), x_s) * _noise(x_s, generator)
-
-
-def noised(schedule: DiffusionSchedule, x0: torch.Tensor, t: int, generator: torch.Generator | None
-           ) -> torch.Tensor:
-    a = schedule.alpha_bar_at(t)
-    return _scalar(a.sqrt(), x0) * x0 + _scalar((1 - a).sqrt(), x0) * _noise(x0, generator)
 
 
 @torch.no_grad()
@@ -54,22 +35,20 @@ def repaint(denoise: Denoiser, x0_known: torch.Tensor, unknown: torch.Tensor, sc
                          f"sampler), got {sampler!r}")
     if resample < 0:
         raise ValueError(f"resample must be >= 0, got {resample}")
-    grid = partial_grid(schedule.timesteps, steps, strength)
+    scheduler = make_scheduler(SamplerSettings(sampler, steps, eta), schedule, strength)
     unknown = unknown.to(x0_known.device).bool()
     everything = bool(unknown.all())  # nothing known: skip the replacement (and its noise draws)
-    if strength >= 1.0:
-        x = _noise(x0_known, generator)
-    else:
-        x = noised(schedule, x0_known, grid[0], generator)
-    for i, t in enumerate(grid):
-        s = grid[i + 1] if i + 1 < len(grid) else -1
+    x = gaussian_like(x0_known, generator)
+    if strength < 1.0:
+        x = schedule.q_sample(x0_known, scheduler.timesteps[0], x)
+    for i, t in enumerate(scheduler.timesteps):
+        s = scheduler.next_timestep(t)
         for r in range(resample + 1):
             if not everything:
-                x = torch.where(unknown, x, noised(schedule, x0_known, t, generator))
-            x0, eps = schedule.split_prediction(denoise(x, t), x, t)
-            x_s = (ddpm_update(schedule, x, x0, t, s, generator) if sampler == "ddpm"
-                   else ddim_update(schedule, x, x0, eps, t, s, eta, generator))
-            x = renoise(schedule, x_s, s, t, generator) if r < resample else x_s
+                x = torch.where(unknown, x, schedule.q_sample(x0_known, t, gaussian_like(x0_known, generator)))
+            x = scheduler.step(denoise(x, t), t, x, generator)
+            if r < resample:
+                x = schedule.q_sample(x, t, gaussian_like(x, generator), s=s)  # back to level t
         if callback is not None:
-            callback(i, t, x, x0)
+            callback(i, t, x, scheduler.x0_pred)
     return torch.where(unknown, x, x0_known)

@@ -1,12 +1,14 @@
 """Synthesis CLI: `python -m ddpm.sample ckpt=DIFF.ckpt labels=DIR_OR_FILE out=DIR [sampler=ddim steps=50
 guidance_scale=1.0 seed=0 n_per_label=1 eta=0.0 preview=false real=null save_progress=false overwrite=false
-window=null window_overlap=0.25 window_batch=4 init_image=null strength=1.0]`.
+window=null window_overlap=0.25 window_batch=4 init_image=null strength=1.0 prior_image=null prior_slices=null]`.
 
 Label maps of any extent: the UNet and the stage-1 decoder run on overlapping windows (`window`, in latent voxels;
 default the training crop's latent) blended at every step, so memory depends on the window, not on the volume;
 a label map whose latent fits in one window is synthesised whole. `init_image` (a real scan on the label map's
 grid, or a folder of them named like the label maps) with `strength` < 1 starts from that scan's latent noised
-to `strength * T` instead of pure noise (less diverse, closer to the scan).
+to `strength * T` instead of pure noise (less diverse, closer to the scan). `prior_image` (a real scan on the
+label map's grid, or a folder of them) with `prior_slices=[k1,k2]` (indices along the label map's last array
+axis) keeps those slices of the scan and synthesises the rest consistent with them (`ddpm.prior`).
 
 For each label map `<stem>.nii.gz` it writes `<stem>_syn<k>.nii.gz` (the label map's shape and affine, native
 units, geometry-only header), `<stem>_syn<k>.png` (middle slices with the label over them) and
@@ -194,7 +196,8 @@ def prepare_all(cfg: DictConfig, synth: Synthesizer, label_files: list[Path], re
 
 def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel, paths: dict[str, Path], *,
                    settings: SamplerSettings, index: int, real: np.ndarray | None, ckpt_info: dict,
-                   init: np.ndarray | None = None, init_name: str | None = None) -> None:
+                   init: np.ndarray | None = None, init_name: str | None = None, prior=None) -> None:
+    """`prior`: a `ddpm.prior.PriorCase` (real slices to keep), or None."""
     seed = output_seed(int(cfg.seed), index)
     generator = torch.Generator().manual_seed(seed)
     strength = float(cfg.strength) if init is not None else 1.0
@@ -202,15 +205,18 @@ def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel,
     started = time.perf_counter()
     with tqdm(total=steps, desc=f"{paths['nifti'].name}", unit="step", leave=False) as bar:
         recorder = SnapshotRecorder(steps, bar, bool(cfg.save_progress))
-        model_grid = synth.sample(prepared, settings=settings, guidance_scale=float(cfg.guidance_scale),
-                                  generator=generator, callback=recorder, init=init, strength=strength)
+        if prior is None:
+            model_grid = synth.sample(prepared, settings=settings, guidance_scale=float(cfg.guidance_scale),
+                                      generator=generator, callback=recorder, init=init, strength=strength)
+            native, image_model = synth.to_native(model_grid, prepared), synth.native_units(model_grid)
+        else:
+            native = prior.synthesize(synth, generator=generator, callback=recorder)
+            image_model = to_model_grid(native, prior.affine, synth.spacing, is_label=False)[0]
     seconds = time.perf_counter() - started
     overwrite = bool(cfg.overwrite)
-    native = synth.to_native(model_grid, prepared)
     save_nifti(native, prepared.grid_info.original_affine, paths["nifti"], overwrite=overwrite, dtype=native.dtype)
 
     label_model = unpad(prepared.label, prepared.pads)
-    image_model = synth.native_units(model_grid)
     spacing = synth.spacing
     save_overlay_png(paths["png"], image_model, label_model, spacing, synth.label_nc,
                      title=f"{paths['nifti'].name} ({settings.name}, {settings.steps} steps, "
@@ -232,6 +238,8 @@ def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel,
         "device": synth.device.type, "seconds": round(seconds, 3),
         "window": list(grid.size), "windows": len(grid), "window_overlap": synth.window_overlap, "window_batch": synth.windows_per_call,
         "init_image": init_name, "strength": strength,
+        **({} if prior is None else {"prior_image": Path(prior.names[0]).name, "prior_slices": list(prior.slices),
+                                     "resample": prior.settings.resample}),
         "model_grid_shape": [int(s) for s in prepared.model_shape], "model_spacing_mm": spacing,
         "modality": synth.modality, "dtype": str(native.dtype), "versions": versions(),
     }
@@ -254,8 +262,13 @@ def run(cfg: DictConfig) -> list[Path]:
     label_files = task_share(find_label_files(str(cfg.labels)))
     real_files = find_real_files(cfg.real, label_files)
     init_files = find_real_files(cfg.init_image, label_files, key="init_image")
+    from ddpm import prior as patient_prior  # here: ddpm.prior -> ddpm.inpaint imports this module
+
+    priors = patient_prior.plan(cfg, label_files, find_real_files(cfg.prior_image, label_files, key="prior_image"))
     model, meta = load_diffusion(cfg.ckpt, map_location=device)
     settings = sampler_settings(cfg, model.schedule.timesteps)
+    prior_settings = (patient_prior.inpaint_settings(settings, float(cfg.guidance_scale), int(cfg.prior_resample),
+                                                     model.schedule.timesteps) if priors else None)
     limit = None if cfg.memory_limit_gb is None else int(float(cfg.memory_limit_gb) * GIB)
     synth = Synthesizer(model, meta, device, memory_limit_bytes=limit, window=parse_window(cfg.window),
                         window_overlap=float(cfg.window_overlap), windows_per_call=int(cfg.window_batch))
@@ -272,11 +285,12 @@ def run(cfg: DictConfig) -> list[Path]:
             real = to_model_grid(real_array, real_affine, synth.spacing, is_label=False)[0]
         if path in init_files:
             init = synth.prepare_init(*load_nifti(init_files[path]), str(init_files[path]), prepared)
+        prior = patient_prior.load_case(priors[path], array, str(path), prior_settings) if path in priors else None
         for index in range(int(cfg.n_per_label)):
             paths = output_paths(out_dir, stem, index, cfg)
             synthesize_one(cfg, synth, prepared, paths, settings=settings, index=index, real=real,
                            ckpt_info=ckpt_info, init=init,
-                           init_name=init_files[path].name if path in init_files else None)
+                           init_name=init_files[path].name if path in init_files else None, prior=prior)
             written.append(paths["nifti"])
     return written
 

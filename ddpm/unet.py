@@ -11,6 +11,12 @@ a grouped 3x3x3 convolution does the spatial mixing, a pointwise MLP the channel
 the deep levels (512 channels); this block keeps a 3D receptive field with 14.8M parameters in all
 (`num_res_blocks=1`), which is what lets a training step fit in half the published code's memory.
 
+`block=resnet` builds the published Med-LSDM block instead: `skip(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))))
+* (1 + scale(t)) + shift(t)))` with two dense convolutions of kernel `resnet_kernel` and both norms label-aware.
+The published code's kernel is (1, 3, 3) on its (depth, height, width) layout, i.e. in-plane; here that is
+(3, 3, 1) on (X, Y, Z): 39.7M parameters at the paper's widths with 37 classes (published: 37.9M); (3, 3, 3)
+gives full 3D convolutions with three times the block weights (104M).
+
 Conditioning (`decoder`): `spade` makes the norms of the middle and decoder blocks SPADE layers fed the compressed
 label map (encoder blocks keep GroupNorm, they see only the noisy latent); `normal` concatenates the per-voxel
 class fractions to the input and uses GroupNorm everywhere.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,7 @@ from vq_gan_3d.blocks import group_norm
 from vq_gan_3d.spade import SPADE
 
 DECODERS = ("spade", "normal")
+BLOCKS = ("default", "resnet")
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -102,14 +109,15 @@ class LabelNorm(nn.Module):
 
 class ResBlock(nn.Module):
     """x + mlp(modulate(norm(spatial(x)), t)); when the width changes (decoder blocks fed a skip connection),
-    x is first projected to the output width, so the block itself always runs at `out_channels`."""
+    x is first projected to the output width, so the block itself always runs at `out_channels`. `norms` hands
+    out the SPADE cache index of each label-aware norm."""
 
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, group_width: int,
-                 expansion: int, norm_groups: int, dropout: float, spade: dict | None, norm_index: int):
+                 expansion: int, norm_groups: int, dropout: float, spade: dict | None, norms: Iterator[int]):
         super().__init__()
         self.project = nn.Identity() if in_channels == out_channels else Pointwise(in_channels, out_channels)
         self.spatial = grouped_conv(out_channels, group_width)
-        self.norm = LabelNorm(out_channels, norm_groups=norm_groups, spade=spade, index=norm_index)
+        self.norm = LabelNorm(out_channels, norm_groups=norm_groups, spade=spade, index=next(norms))
         self.time = nn.Linear(temb_channels, 2 * out_channels)
         hidden = expansion * out_channels
         self.mlp = nn.Sequential(Pointwise(out_channels, hidden), nn.SiLU(), nn.Dropout(dropout),
@@ -120,6 +128,30 @@ class ResBlock(nn.Module):
         scale, shift = self.time(F.silu(temb))[..., None, None, None].chunk(2, dim=1)
         h = self.norm(self.spatial(x), features, cache)
         return x + self.mlp(torch.addcmul(shift, h, 1 + scale))
+
+
+class ConvResBlock(nn.Module):
+    """The published code's residual block (`block=resnet`): two dense convolutions of `kernel_size`, the time
+    embedding as scale and shift after the second norm, a (pointwise when the width changes) skip connection."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, kernel_size: Sequence[int],
+                 norm_groups: int, dropout: float, spade: dict | None, norms: Iterator[int]):
+        super().__init__()
+        kernel = tuple(kernel_size)
+        padding = tuple(k // 2 for k in kernel)
+        self.norm1 = LabelNorm(in_channels, norm_groups=norm_groups, spade=spade, index=next(norms))
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel, padding=padding)
+        self.norm2 = LabelNorm(out_channels, norm_groups=norm_groups, spade=spade, index=next(norms))
+        self.time = nn.Linear(temb_channels, 2 * out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv3d(out_channels, out_channels, kernel, padding=padding))
+        self.skip = nn.Identity() if in_channels == out_channels else Pointwise(in_channels, out_channels)
+
+    def forward(self, x, temb, features=None, cache=None):
+        scale, shift = self.time(F.silu(temb))[..., None, None, None].chunk(2, dim=1)
+        h = self.conv1(F.silu(self.norm1(x, features, cache)))
+        h = torch.addcmul(shift, self.norm2(h, features, cache), 1 + scale)
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 
 class Attention(nn.Module):
@@ -163,7 +195,8 @@ class UNet3D(nn.Module):
     is (B, 1, X*fx, Y*fy, Z*fz) ints on the image grid (`label_downsample` = the stage-1 factor per axis) and may
     hold the null class `label_nc`."""
 
-    def __init__(self, *, in_channels: int, label_nc: int, decoder: str = "spade", base_channels: int = 64,
+    def __init__(self, *, in_channels: int, label_nc: int, decoder: str = "spade", block: str = "default",
+                 resnet_kernel: Sequence[int] = (3, 3, 1), base_channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 1,
                  attention_levels: Sequence[int] = (2, 3), head_channels: int = 64, group_width: int = 16,
                  expansion: int = 2, norm_groups: int = 32, dropout: float = 0.0,
@@ -173,11 +206,17 @@ class UNet3D(nn.Module):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        resnet_kernel = [int(k) for k in resnet_kernel]
+        if len(resnet_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in resnet_kernel):
+            raise ValueError(f"resnet_kernel needs three odd sizes (X, Y, Z), got {resnet_kernel}")
         n_levels = len(channel_mult)
         if any(not 0 <= level < n_levels for level in attention_levels):
             raise ValueError(f"attention_levels must index the {n_levels} levels, got {list(attention_levels)}")
         self.hparams = dict(
-            in_channels=in_channels, label_nc=label_nc, decoder=decoder, base_channels=base_channels,
+            in_channels=in_channels, label_nc=label_nc, decoder=decoder, block=block, resnet_kernel=resnet_kernel,
+            base_channels=base_channels,
             channel_mult=[int(m) for m in channel_mult], num_res_blocks=num_res_blocks,
             attention_levels=[int(a) for a in attention_levels], head_channels=head_channels,
             group_width=group_width, expansion=expansion, norm_groups=norm_groups, dropout=dropout,
@@ -206,8 +245,15 @@ class UNet3D(nn.Module):
             spade = None
             input_channels = in_channels + n_classes
         n_norms = itertools.count()
-        block = dict(temb_channels=temb, group_width=group_width, expansion=expansion, norm_groups=norm_groups,
-                     dropout=dropout)
+        common = dict(temb_channels=temb, norm_groups=norm_groups, dropout=dropout, norms=n_norms)
+
+        def res_block(in_ch: int, out_ch: int, spade_settings: dict | None) -> nn.Module:
+            if block == "resnet":
+                return ConvResBlock(in_channels=in_ch, out_channels=out_ch, kernel_size=resnet_kernel,
+                                    spade=spade_settings, **common)
+            return ResBlock(in_channels=in_ch, out_channels=out_ch, group_width=group_width, expansion=expansion,
+                            spade=spade_settings, **common)
+
         attention = dict(head_channels=head_channels, norm_groups=norm_groups)
 
         self.conv_in = nn.Conv3d(input_channels, channels[0], 3, padding=1)
@@ -220,7 +266,7 @@ class UNet3D(nn.Module):
         for level, width in enumerate(channels):
             attend = level in attention_levels
             for i in range(num_res_blocks):
-                self.down.append(ResBlock(in_channels=ch, out_channels=width, spade=None, norm_index=-1, **block))
+                self.down.append(res_block(ch, width, None))
                 self.down_pushes_skip.append(not (attend and i == num_res_blocks - 1))
                 ch = width
                 skips.append(ch)
@@ -231,19 +277,14 @@ class UNet3D(nn.Module):
                 self.down.append(Downsample(ch, group_width))
                 self.down_pushes_skip.append(True)
                 skips.append(ch)
-        self.middle = nn.ModuleList([
-            ResBlock(in_channels=ch, out_channels=ch, spade=spade, norm_index=next(n_norms), **block),
-            Attention(ch, **attention),
-            ResBlock(in_channels=ch, out_channels=ch, spade=spade, norm_index=next(n_norms), **block),
-        ])
+        self.middle = nn.ModuleList([res_block(ch, ch, spade), Attention(ch, **attention), res_block(ch, ch, spade)])
         self.up: nn.ModuleList = nn.ModuleList()
         self.up_levels: list[int] = []
         self.up_takes_skip: list[bool] = []
         for level in reversed(range(n_levels)):
             for _ in range(num_res_blocks + 1):
                 skip = skips.pop()
-                self.up.append(ResBlock(in_channels=ch + skip, out_channels=channels[level], spade=spade,
-                                        norm_index=next(n_norms), **block))
+                self.up.append(res_block(ch + skip, channels[level], spade))
                 self.up_levels.append(level)
                 self.up_takes_skip.append(True)
                 ch = channels[level]

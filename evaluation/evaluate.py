@@ -16,7 +16,8 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dataset.intensity import PercentileNormalizer
+from dataset.intensity import CTWindowNormalizer, PercentileNormalizer, build_normalizer
+from ddpm.checkpoint import load_diffusion
 from evaluation import figures, metrics
 from evaluation.distribution import FEATURE_METRICS, FeatureBank
 from evaluation.features import resolve_device
@@ -29,6 +30,7 @@ from utils.errors import UserError, exit_on_user_error
 PAIRED_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae")
 KNOWN_METRICS = PAIRED_METRICS + ("lpips",) + tuple(FEATURE_METRICS) + ("diversity", "intensity_stats")
 HISTOGRAM_VOXELS_PER_CASE = 20000  # per class and volume, enough for a smooth histogram
+AFFINE_TOLERANCE_MM = 1e-3  # paired volumes' affines may differ by float32 rounding of the NIfTI header only
 
 
 @dataclass
@@ -38,29 +40,64 @@ class Intensity:
     window: tuple[float, float] | None  # native -> [-1, 1] for the 2D networks; None in the other domains
     foreground_only: bool
     percentiles: tuple[float, float] | None = None  # domain=percentile: each volume's own -> -1 and 1
+    clip: tuple[float, float] | None = None  # native: real and synthetic clipped to the model's window
+    clip_source: str = ""  # where the clipping window came from, or why nothing is clipped
 
     def describe(self) -> dict:
         out = {"domain": self.domain, "data_range": self.data_range, "foreground_only": self.foreground_only}
         if self.percentiles is not None:
             out["percentiles"] = list(self.percentiles)
+        if self.domain == "native":
+            out["clipped_to_window"] = None if self.clip is None else list(self.clip)
         return out
 
+    def clipping(self) -> dict:
+        return {"applied": self.clip is not None, "window": None if self.clip is None else list(self.clip),
+                "source": self.clip_source}
+
     def prepare(self, volume: np.ndarray) -> np.ndarray:
-        """A loaded volume in the domain the metrics compare: unchanged, or scaled by its own percentiles."""
+        """A loaded volume in the domain the metrics compare: clipped to the model's window, scaled by its own
+        percentiles, or unchanged."""
+        if self.clip is not None:
+            return np.clip(volume, *self.clip).astype(np.float32, copy=False)
         if self.percentiles is None:
             return volume
         lower, upper = self.percentiles
         return PercentileNormalizer(lower=lower, upper=upper).forward(volume)[0].astype(np.float32)
 
 
+def model_window(cfg) -> tuple[tuple[float, float] | None, str]:
+    """domain=native: the intensity window of the model behind the synthetic volumes and where it came from
+    (`window=`, else the HU window of a CT stage-2 checkpoint `ckpt=`), or None and the reason."""
+    if cfg.window is not None:
+        window = (float(cfg.window[0]), float(cfg.window[1]))
+        if not window[1] > window[0]:
+            raise UserError(f"window={list(cfg.window)}: high must exceed low")
+        return window, "window="
+    if cfg.ckpt is None:
+        return None, "no model window known (give ckpt=<stage-2 checkpoint> or window=[low,high])"
+    dataset = load_diffusion(cfg.ckpt)[1]["dataset"]
+    normalizer = build_normalizer(dataset["intensity"])
+    if not isinstance(normalizer, CTWindowNormalizer):
+        return None, f"ckpt {cfg.ckpt}: a {dataset.get('modality')} model without a fixed window ({normalizer.kind})"
+    return (normalizer.hu_min, normalizer.hu_max), f"ckpt {cfg.ckpt}: dataset.intensity hu_min, hu_max"
+
+
 def parse_intensity(cfg, has_labels: bool) -> Intensity:
     if cfg.domain not in ("native", "normalized", "percentile"):
         raise UserError(f"domain={cfg.domain}: use native, normalized or percentile")
+    if cfg.window is not None and cfg.domain != "native":
+        raise UserError(f"window: only used with domain=native (domain={cfg.domain} already is in [-1, 1])")
+    window, source = model_window(cfg) if cfg.domain == "native" else (None, f"domain={cfg.domain}")
+    clip = window if window is not None and cfg.clip else None
+    if window is not None and not cfg.clip:
+        source = "clip=false"
     data_range = cfg.data_range
     if data_range is None:
-        if cfg.domain == "native":
-            raise UserError("data_range: required for domain=native (e.g. data_range=2000 for HU in [-1000, 1000])")
-        data_range = 2.0
+        if cfg.domain == "native" and clip is None:
+            raise UserError("data_range: required for domain=native without a clipping window (ckpt= or window=), "
+                            "e.g. data_range=2000 for HU in [-1000, 1000]")
+        data_range = 2.0 if clip is None else clip[1] - clip[0]
     if not float(data_range) > 0:
         raise UserError(f"data_range={data_range}: must be positive")
     percentiles = None
@@ -68,16 +105,9 @@ def parse_intensity(cfg, has_labels: bool) -> Intensity:
         percentiles = (float(cfg.percentiles[0]), float(cfg.percentiles[1]))
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise UserError(f"percentiles={list(cfg.percentiles)}: need 0 <= lower < upper <= 100")
-    window = None
-    if cfg.window is not None:
-        if cfg.domain != "native":
-            raise UserError(f"window: only used with domain=native (domain={cfg.domain} already is in [-1, 1])")
-        window = (float(cfg.window[0]), float(cfg.window[1]))
-        if not window[1] > window[0]:
-            raise UserError(f"window={list(cfg.window)}: high must exceed low")
     if cfg.foreground_only and not has_labels:
         raise UserError("foreground_only=true needs labels=DIR (the foreground is label > 0)")
-    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only), percentiles)
+    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only), percentiles, clip, source)
 
 
 def requested_metrics(cfg) -> list[str]:
@@ -203,7 +233,7 @@ def run(cfg: DictConfig) -> dict:
             real_stats.add(real, label)
         samples = []
         for index, fake_stem in enumerate(groups.get(real_stem, [])):
-            fake, fake_affine = load_fake(pairing, fake_stem, real.shape)
+            fake, fake_affine = load_fake(pairing, fake_stem, real_stem, real.shape, affine)
             fake = intensity.prepare(fake)
             fake_slices = bank.slices(fake) if bank.uses_2d() else None
             bank.add("fake", fake, fake_affine, fake_slices)
@@ -252,7 +282,8 @@ def run(cfg: DictConfig) -> dict:
     report = {
         "settings": {
             "real": str(cfg.real), "fake": str(cfg.fake), "labels": None if cfg.labels is None else str(cfg.labels),
-            **intensity.describe(), "window_for_2d_networks": intensity.window, "device": str(device),
+            **intensity.describe(), "clipping": intensity.clipping(), "window_for_2d_networks": intensity.window,
+            "device": str(device),
             "n_real": len(pairing.real), "n_fake": len(pairing.fake), "n_pairs": len(rows),
             "unpaired_fake": pairing.unpaired_fake,
         },
@@ -271,11 +302,17 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-def load_fake(pairing: Pairing, fake_stem: str, shape) -> tuple[np.ndarray, np.ndarray]:
-    fake, affine = load_volume(pairing.fake[fake_stem])
+def load_fake(pairing: Pairing, fake_stem: str, real_stem: str, shape, affine) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic volume, refused unless it lies on its real volume's voxel grid (shape and affine)."""
+    fake_path, real_path = pairing.fake[fake_stem], pairing.real[real_stem]
+    fake, fake_affine = load_volume(fake_path)
     if fake.shape != tuple(shape):
-        raise UserError(f"{pairing.fake[fake_stem]}: shape {fake.shape} differs from its real volume {tuple(shape)}")
-    return fake, affine
+        raise UserError(f"{fake_path}: shape {fake.shape} differs from its real volume {real_path} {tuple(shape)}")
+    if not np.allclose(fake_affine, affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        gap = float(np.abs(fake_affine - affine).max())
+        raise UserError(f"{fake_path}: affine differs from that of its real volume {real_path} (by up to {gap:.3g} "
+                        "mm); paired metrics compare voxel by voxel, so resample one onto the other's grid")
+    return fake, fake_affine
 
 
 def diversity_entry(values: list[float], intensity: Intensity, cfg, shape) -> dict:

@@ -20,8 +20,10 @@ def _save(fig, path: Path, overwrite: bool) -> Path:
 
 
 def class_histograms(real: dict[int, np.ndarray], fake: dict[int, np.ndarray], *, bins: int, unit: str,
-                     path: Path, overwrite: bool, class_names: list[str] | None = None) -> Path:
-    """One panel per label class: intensity density of real vs synthetic voxels on shared bins."""
+                     path: Path, overwrite: bool, class_names: list[str] | None = None,
+                     title: str = "Intensity per label class: real vs synthetic") -> Path:
+    """One panel per label class: density of real vs synthetic values (voxel intensities, or per-map class
+    volumes) on shared bins."""
     classes = sorted(set(real) | set(fake))
     cols = min(len(classes), 4) or 1
     rows = max(1, -(-len(classes) // cols))
@@ -44,7 +46,7 @@ def class_histograms(real: dict[int, np.ndarray], fake: dict[int, np.ndarray], *
         ax.set_xlabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Intensity per label class: real vs synthetic", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path, overwrite)
 
 
@@ -86,4 +88,24 @@ def nearest_neighbour_histogram(values: np.ndarray, reference: np.ndarray | None
     ax.set_xlabel(xlabel)
     ax.set_ylabel("volumes")
     ax.legend(fontsize=7)
+    return _save(fig, path, overwrite)
+
+
+def adjacency_matrices(matrices: dict[str, np.ndarray], class_names: list[str], *, path: Path,
+                       overwrite: bool) -> Path:
+    """Class adjacency matrices side by side (shares of different-class face pairs), and the difference of the
+    second to the first."""
+    (first, a), (second, b) = list(matrices.items())[:2]
+    panels = [(first, a, "viridis"), (second, b, "viridis"), (f"{second} - {first}", b - a, "coolwarm")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    top = max(float(a.max()), float(b.max()), 1e-12)
+    spread = max(float(np.abs(b - a).max()), 1e-12)
+    for ax, (name, matrix, cmap) in zip(axes, panels):
+        limits = (-spread, spread) if cmap == "coolwarm" else (0.0, top)
+        image = ax.imshow(matrix, cmap=cmap, vmin=limits[0], vmax=limits[1])
+        ax.set_xticks(range(len(class_names)), class_names, rotation=60, fontsize=7, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle("Class adjacency: share of different-class face-neighbour pairs", fontsize=10)
     return _save(fig, path, overwrite)

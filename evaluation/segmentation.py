@@ -1,10 +1,11 @@
 """python -m evaluation.segmentation dataset=<name> [synthetic=DIR] [out=DIR]
 
-Mask fidelity: a segmenter trained on the real training cases of the patient split is applied to the real test
-cases and to synthetic volumes generated from the same test label maps; Dice per class (background excluded),
-their means, and the headline ratio synthetic / real. Augmentation: segmenters trained on real only vs real +
-synthetic (generated from training label maps) for several seeds, Dice on the real test cases with bootstrap
-confidence intervals over test cases. The test split never trains anything.
+Mask fidelity: a segmenter (`evaluation.segmenter`) trained on the real training cases of the patient split and
+selected on the validation cases is applied to the real test cases and to synthetic volumes generated from the
+same test label maps; Dice per class keyed by class name (background excluded, the lesion classes first), their
+means, and the ratios synthetic / real. Augmentation: segmenters trained on real only vs real + synthetic
+(generated from training label maps) for several seeds, Dice on the real test cases with bootstrap confidence
+intervals over test cases. The test split never trains anything and never selects a model.
 """
 from __future__ import annotations
 
@@ -21,30 +22,19 @@ from dataset.cache import load_preprocessed
 from dataset.checks import validate_dataset
 from dataset.split import make_split, read_split, select
 from evaluation.features import resolve_device
-from evaluation.metrics import mean_dice
 from evaluation.pairing import list_nifti, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
+from evaluation.stats import paired_bootstrap
 from evaluation.segmenter import (
     Volume,
-    dice_on,
-    network_settings,
+    evaluate_dice,
+    mean_per_class,
     preprocess_synthetic,
     save_segmenter,
     train_segmenter,
 )
 from utils.atomic import check_writable
 from utils.errors import UserError, exit_on_user_error
-
-
-def bootstrap_ci(values, *, samples: int, confidence: float, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (resampling cases with replacement)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def load_split(cfg, cases) -> dict[str, list[str]]:
@@ -90,14 +80,27 @@ def synthetic_volumes(folders, cases_by_id: dict, preprocessed: dict, split: dic
     return groups
 
 
-def summarise_dice(results: list[dict], label_nc: int) -> dict:
-    per_class = {}
-    for cls in range(1, label_nc):
-        values = [r["dice"][cls] for r in results if not math.isnan(r["dice"][cls])]
-        per_class[str(cls)] = float(np.mean(values)) if values else float("nan")
-    means = [mean_dice(r["dice"]) for r in results]
-    return {"mean": mean_dice({int(k): v for k, v in per_class.items()}), "per_class": per_class,
-            "mean_of_case_means": float(np.nanmean(means)) if results else float("nan"), "n": len(results)}
+def case_mean(dice: dict) -> float:
+    """Mean over the classes defined in one case (NaN if none)."""
+    values = [v for v in dice.values() if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarise_dice(per_case: dict) -> dict:
+    """Per class (keyed by name, lesion first) the mean over the cases where it is defined; `mean` over classes."""
+    per_class = mean_per_class(per_case)
+    means = [case_mean(dice) for dice in per_case.values()]
+    return {"mean": case_mean(per_class), "per_class": per_class,
+            "mean_of_case_means": float(np.nanmean(means)) if per_case else float("nan"), "n": len(per_case)}
+
+
+def ratio(synthetic: float, real: float) -> float:
+    return synthetic / real if real > 0 and not math.isnan(synthetic) else float("nan")
+
+
+def training_record(model) -> dict:
+    return {"steps": model.steps, "best_step": model.best_step, "seconds": round(model.seconds, 1),
+            "validations": model.history}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -106,62 +109,58 @@ def run(cfg: DictConfig) -> dict:
     for path in outputs.values():
         check_writable(path, cfg.overwrite)
     device = resolve_device(cfg.device)
-    label_nc = int(cfg.dataset.label_nc)
-    crop_size = [int(c) for c in (cfg.train.crop_size or cfg.dataset.crop_size)]
-    network = network_settings(cfg.segmenter, label_nc)
     cases = validate_dataset(cfg.dataset).cases  # every bad-input check, as training does
     split = load_split(cfg, cases)
     cases_by_id = {case.case_id: case for case in cases}
-    used = {case.case_id: load_preprocessed(case, cfg.dataset)
-            for case in tqdm(select(cases, split, "train") + select(cases, split, "test"), desc="real cases")}
-    train_real = [Volume.from_arrays(c, used[c].image, used[c].label) for c in split["train"]]
-    test_real = [Volume.from_arrays(c, used[c].image, used[c].label) for c in split["test"]]
+    used = {case.case_id: load_preprocessed(case, cfg.dataset) for case in tqdm(
+        [c for name in ("train", "val", "test") for c in select(cases, split, name)], desc="real cases")}
+    real = {name: [Volume.from_arrays(c, used[c].image, used[c].label) for c in split[name]]
+            for name in ("train", "val", "test")}
     synthetic = {"train": [], "test": [], "ignored": []}
     if cfg.synthetic is not None:
         synthetic = synthetic_volumes(cfg.synthetic, cases_by_id, used, split, cfg.dataset)
 
     def train(arm: str, seed: int):
-        return train_segmenter(train_real, synthetic["train"] if arm == "real+synthetic" else [], network=network,
-                               steps=cfg.train.steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                               crop_size=crop_size, foreground_prob=float(cfg.dataset.foreground_crop_prob),
-                               synthetic_per_real=float(cfg.augmentation.synthetic_per_real), seed=seed,
-                               device=device)
-
-    def dice(net, volumes):
-        return dice_on(net, volumes, label_nc=label_nc, crop_size=crop_size, overlap=cfg.inference.overlap,
-                       device=device)
+        return train_segmenter(real["train"], real["val"], cfg, seed,
+                               synthetic=synthetic["train"] if arm == "real+synthetic" else (),
+                               synthetic_per_real=float(cfg.augmentation.synthetic_per_real), device=device)
 
     rows = []
-    print(f"training the segmenter on {len(train_real)} real cases ({cfg.train.steps} steps)")
-    net = train("real", cfg.train.seed)
-    save_segmenter(net, outputs["segmenter.pt"], network=network, dataset_cfg=cfg.dataset, crop_size=crop_size,
-                   overwrite=cfg.overwrite, train_cases=split["train"])
-    real_results = dice(net, test_real)
-    rows += [case_row("fidelity", "real", cfg.train.seed, r) for r in real_results]
-    results = {"dice_real_test": summarise_dice(real_results, label_nc)}
+    print(f"training the segmenter on {len(real['train'])} real cases, validating on {len(real['val'])} "
+          f"(at most {cfg.segmenter.train.max_steps} steps)")
+    model = train("real", int(cfg.seed))
+    save_segmenter(model, outputs["segmenter.pt"], dataset_cfg=cfg.dataset, overwrite=cfg.overwrite,
+                   train_cases=split["train"])
+    real_results = evaluate_dice(model, real["test"])
+    rows += case_rows("fidelity", "real", int(cfg.seed), real_results)
+    results = {"dice_real_test": summarise_dice(real_results), "training": training_record(model)}
     if synthetic["test"]:
-        syn_results = dice(net, synthetic["test"])
-        rows += [case_row("fidelity", "synthetic", cfg.train.seed, r) for r in syn_results]
-        results["dice_synthetic_test"] = summarise_dice(syn_results, label_nc)
-        real_mean = results["dice_real_test"]["mean"]
+        syn_results = evaluate_dice(model, synthetic["test"])
+        rows += case_rows("fidelity", "synthetic", int(cfg.seed), syn_results)
+        results["dice_synthetic_test"] = summarise_dice(syn_results)
+        real_summary, syn_summary = results["dice_real_test"], results["dice_synthetic_test"]
         results["dice_ratio_synthetic_over_real"] = {
-            "value": results["dice_synthetic_test"]["mean"] / real_mean if real_mean > 0 else float("nan"),
+            "value": ratio(syn_summary["mean"], real_summary["mean"]),
+            "per_class": {name: ratio(syn_summary["per_class"][name], value)
+                          for name, value in real_summary["per_class"].items()},
             "meaning": "mean Dice on synthetic volumes / mean Dice on the real volumes of the same test label maps",
         }
     else:
         results["dice_synthetic_test"] = skipped(
             "no synthetic volumes of test cases; pass synthetic=DIR holding <test case>_syn<k>.nii.gz")
-    results["augmentation"] = augmentation(cfg, train, dice, net, test_real, synthetic, rows, label_nc)
+    results["augmentation"] = augmentation(cfg, train, model, real["test"], synthetic, rows)
 
+    settings = model.settings
     report = {
         "settings": {
-            "dataset": str(cfg.dataset.name), "n_train": len(train_real), "n_test": len(test_real),
-            "n_synthetic_test": len(synthetic["test"]), "n_synthetic_train": len(synthetic["train"]),
-            "synthetic_ignored": synthetic["ignored"], "segmenter": network, "crop_size": crop_size,
-            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-            "seed": cfg.train.seed, "device": str(device),
-            "dice": "per class, background (0) excluded; mean over classes present",
-            "split": "patient-level; test cases never used for training",
+            "dataset": str(cfg.dataset.name), "n_train": len(real["train"]), "n_val": len(real["val"]),
+            "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]),
+            "n_synthetic_train": len(synthetic["train"]), "synthetic_ignored": synthetic["ignored"],
+            "segmenter": settings.network, "crop_size": settings.crop_size, "max_steps": settings.max_steps,
+            "batch_size": settings.batch_size, "lr": settings.lr, "seed": int(cfg.seed), "device": str(device),
+            "dice": "per class keyed by name, background (0) excluded, lesion classes first; mean over the classes "
+                    "present",
+            "split": "patient-level; test cases never used for training or model selection",
         },
         "metrics": results,
     }
@@ -171,14 +170,13 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-def case_row(experiment: str, source: str, seed: int, result: dict) -> dict:
-    row = {"experiment": experiment, "source": source, "seed": seed, "case": result["name"]}
-    row.update({f"dice_{cls}": value for cls, value in result["dice"].items()})
-    row["dice_mean"] = mean_dice(result["dice"])
-    return row
+def case_rows(experiment: str, source: str, seed: int, per_case: dict) -> list[dict]:
+    return [{"experiment": experiment, "source": source, "seed": seed, "case": case,
+             **{f"dice_{name}": value for name, value in dice.items()}, "dice_mean": case_mean(dice)}
+            for case, dice in per_case.items()]
 
 
-def augmentation(cfg, train, dice, seed_net, test_real, synthetic, rows, label_nc) -> dict:
+def augmentation(cfg, train, seed_model, test_real, synthetic, rows) -> dict:
     if not cfg.augmentation.enabled:
         return skipped("augmentation.enabled=false")
     if not synthetic["train"]:
@@ -188,24 +186,32 @@ def augmentation(cfg, train, dice, seed_net, test_real, synthetic, rows, label_n
     for arm in ("real", "real+synthetic"):
         case_means = []
         for seed in tqdm(list(cfg.augmentation.seeds), desc=f"augmentation: {arm}", unit="seed"):
-            net = seed_net if (arm == "real" and seed == cfg.train.seed) else train(arm, seed)
-            results = dice(net, test_real)
-            rows += [case_row("augmentation", arm, seed, r) for r in results]
-            case_means.append([mean_dice(r["dice"]) for r in results])
-        per_arm[arm] = np.nanmean(np.asarray(case_means, dtype=np.float64), axis=0)  # per test case, over seeds
+            model = seed_model if (arm == "real" and seed == cfg.seed) else train(arm, seed)
+            results = evaluate_dice(model, test_real)
+            rows += case_rows("augmentation", arm, seed, results)
+            case_means.append([case_mean(dice) for dice in results.values()])
+        per_arm[arm] = np.asarray(case_means, dtype=np.float64)  # (seeds, test cases)
     boot = dict(samples=int(cfg.bootstrap.samples), confidence=float(cfg.bootstrap.confidence),
                 seed=int(cfg.bootstrap.seed))
-    out = {arm: {"mean_dice": float(np.mean(v)), "ci": bootstrap_ci(v, **boot)} for arm, v in per_arm.items()}
-    difference = per_arm["real+synthetic"] - per_arm["real"]
-    out["difference"] = {"mean_dice": float(np.mean(difference)), "ci": bootstrap_ci(difference, **boot),
+    stats = paired_bootstrap(per_arm, "real", **boot)
+    out = {arm: {"mean_dice": stats[arm]["mean"], "ci": stats[arm]["ci"]} for arm in per_arm}
+    difference = stats["real+synthetic"]["difference"]
+    out["difference"] = {"mean_dice": difference["mean"], "ci": difference["ci"],
                          "meaning": "real+synthetic minus real only, paired by test case"}
     out["settings"] = {"seeds": list(cfg.augmentation.seeds), "synthetic_per_real": cfg.augmentation.synthetic_per_real,
-                       "n_test_cases": len(test_real), **boot, "ci": "percentile bootstrap over test cases"}
+                       "n_test_cases": len(test_real), "few_cases": difference["few_cases"], **boot,
+                       "ci": "paired percentile bootstrap over test cases, seeds averaged within a case "
+                             "(evaluation.stats)"}
     return out
 
 
 def console_lines(results: dict) -> dict:
-    lines = {"dice real test": {"value": results["dice_real_test"]["mean"]}}
+    real = results["dice_real_test"]
+    lines = {f"dice real test, {name}": {"value": value} for name, value in real["per_class"].items()}
+    lines["dice real test, mean"] = {"value": real["mean"]}
+    training = results["training"]
+    lines["segmenter training"] = {"value": f"{training['steps']} steps (best {training['best_step']}), "
+                                            f"{training['seconds']:.0f} s"}
     syn = results["dice_synthetic_test"]
     lines["dice synthetic test"] = syn if syn.get("skipped") else {"value": syn["mean"]}
     if "dice_ratio_synthetic_over_real" in results:

@@ -1,10 +1,28 @@
-"""A small 3D segmenter (MONAI UNet) for mask fidelity and augmentation experiments: volumes on the model grid,
-training on random crops, sliding-window inference, saving/loading as a file that `evaluate` can use as a
-feature extractor."""
+"""The 3D segmenter used as a measuring instrument (mask fidelity, augmentation experiments): a MONAI UNet on the
+model grid, trained on random crops with Dice + cross-entropy, a share of the crops centred on voxels of the rare
+classes, validated every few steps on the validation cases and kept at its best validation score (early stop
+after `patience` validations without improvement); sliding-window inference; saved as a file that `evaluate`
+and `memorization` use as a feature extractor.
+
+API (`evaluation.segmentation`, `evaluation.augmentation`):
+- `Volume.from_arrays(case_id, image, label)`: one case on the model grid (image in [-1, 1], integer labels).
+- `train_segmenter(train, val, cfg, seed, *, synthetic=(), synthetic_per_real=1.0, device=None) -> Segmenter`.
+  `cfg` is a config holding `dataset` (label_nc, class_names, lesion_classes, crop_size) and `segmenter`
+  (config/segmenter/default.yaml: network, train, validation, inference). `val` may be empty: then no
+  validation, the last state is kept. With `synthetic`, a crop comes from a synthetic volume with probability
+  synthetic_per_real / (1 + synthetic_per_real).
+- `predict(model, image) -> label map` (int64, the image's shape).
+- `evaluate_dice(model, cases) -> {case_id: {class name: dice}}`: background excluded, the lesion classes first,
+  NaN where a class is absent from both the prediction and the label map. `mean_per_class` averages it.
+- `save_segmenter(model, path, *, dataset_cfg, overwrite, train_cases)`.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +31,8 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from omegaconf import OmegaConf
 
+from dataset.attributes import lesion_classes
+from dataset.checks import class_names as dataset_class_names
 from dataset.crops import sample_crop
 from dataset.geometry import to_model_grid
 from dataset.intensity import build_normalizer
@@ -22,6 +42,8 @@ from evaluation.metrics import dice_per_class
 from utils.atomic import atomic_path
 from utils.errors import UserError
 
+NO_VOXELS = np.zeros((0, 3), dtype=np.int32)
+
 
 @dataclass
 class Volume:
@@ -30,12 +52,17 @@ class Volume:
     name: str
     image: np.ndarray
     label: np.ndarray
-    foreground: np.ndarray  # (N, 3) voxel coordinates with label > 0
+    _voxels: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_arrays(cls, name: str, image: np.ndarray, label: np.ndarray) -> "Volume":
-        label = np.array(label, dtype=np.int64)
-        return cls(name, np.array(image, dtype=np.float32), label, np.argwhere(label > 0).astype(np.int32))
+        return cls(name, np.array(image, dtype=np.float32), np.array(label, dtype=np.int64))
+
+    def voxels(self, cls: int) -> np.ndarray:
+        """(N, 3) coordinates of the voxels of class `cls` (computed once)."""
+        if cls not in self._voxels:
+            self._voxels[cls] = np.argwhere(self.label == cls).astype(np.int32)
+        return self._voxels[cls]
 
 
 def preprocess_synthetic(path: Path, source_label: np.ndarray, original_shape: Sequence[int], dataset_cfg) -> Volume:
@@ -53,80 +80,237 @@ def preprocess_synthetic(path: Path, source_label: np.ndarray, original_shape: S
     return Volume.from_arrays(path.name, normalised, source_label)
 
 
-def network_settings(segmenter_cfg, label_nc: int) -> dict:
-    return {"label_nc": int(label_nc), "channels": [int(c) for c in segmenter_cfg.channels],
-            "strides": [int(s) for s in segmenter_cfg.strides], "num_res_units": int(segmenter_cfg.num_res_units),
-            "dropout": float(segmenter_cfg.dropout)}
+def network_settings(network_cfg, label_nc: int) -> dict:
+    return {"label_nc": int(label_nc), "channels": [int(c) for c in network_cfg.channels],
+            "strides": [int(s) for s in network_cfg.strides], "num_res_units": int(network_cfg.num_res_units),
+            "dropout": float(network_cfg.dropout)}
 
 
-def _batch(volumes: list[Volume], picks: list[int], crop_size, foreground_prob: float, generator) -> tuple:
-    images, labels = [], []
-    for index in picks:
-        v = volumes[index]
-        image, label = sample_crop(v.image, v.label, crop_size, foreground=v.foreground,
-                                   foreground_prob=foreground_prob, generator=generator)
-        images.append(torch.from_numpy(np.ascontiguousarray(image)))
-        labels.append(torch.from_numpy(np.ascontiguousarray(label)))
-    return torch.stack(images)[:, None], torch.stack(labels)[:, None]
+@dataclass(frozen=True)
+class Settings:
+    """Everything `train_segmenter` reads from the config, checked."""
+
+    network: dict
+    class_names: list[str]
+    report_order: list[int]      # foreground classes, the lesion classes first
+    lesions: list[int]
+    crop_size: list[int]
+    max_steps: int
+    batch_size: int
+    lr: float
+    class_crop_fraction: float
+    crop_classes: list[int]
+    dice_weight: float
+    ce_weight: float
+    every_n_steps: int
+    patience: int | None
+    lesion_weight: float
+    overlap: float
 
 
-def train_segmenter(real: list[Volume], synthetic: list[Volume], *, network: dict, steps: int, batch_size: int,
-                    lr: float, crop_size: Sequence[int], foreground_prob: float, synthetic_per_real: float,
-                    seed: int, device: torch.device) -> torch.nn.Module:
-    """Adam on Dice + cross-entropy over random crops. With `synthetic`, each crop comes from a synthetic volume
-    with probability synthetic_per_real / (1 + synthetic_per_real)."""
-    if not real:
-        raise UserError("segmentation: no real training cases in the split")
+def _class_indices(entries, names: list[str], key: str) -> list[int]:
+    indices = []
+    for entry in entries:
+        if isinstance(entry, str) and entry in names[1:]:
+            indices.append(names.index(entry))
+        elif isinstance(entry, int) and not isinstance(entry, bool) and 1 <= entry < len(names):
+            indices.append(int(entry))
+        else:
+            raise UserError(f"segmenter.train.{key}: {entry!r} is not a foreground class of dataset.class_names "
+                            f"({', '.join(names[1:])})")
+    return sorted(set(indices))
+
+
+def _number(value, key: str, kind, low, high=math.inf):
+    number = kind(value)
+    if not low <= number <= high:
+        raise UserError(f"segmenter.{key}: must lie in [{low}, {high}], got {value}")
+    return number
+
+
+def settings_from(cfg) -> Settings:
+    names = dataset_class_names(cfg.dataset)
+    lesions = sorted(lesion_classes(cfg.dataset).values())
+    seg = cfg.segmenter
+    train, validation = seg.train, seg.validation
+    crop_classes = train.crop_classes
+    crop = [int(c) for c in (train.crop_size or cfg.dataset.crop_size)]
+    if len(crop) != 3 or min(crop) < 1:
+        raise UserError(f"segmenter.train.crop_size: need three positive integers, got {crop}")
+    return Settings(
+        network=network_settings(seg.network, len(names)),
+        class_names=names,
+        report_order=lesions + [c for c in range(1, len(names)) if c not in lesions],
+        lesions=lesions,
+        crop_size=crop,
+        max_steps=_number(train.max_steps, "train.max_steps", int, 1),
+        batch_size=_number(train.batch_size, "train.batch_size", int, 1),
+        lr=_number(train.lr, "train.lr", float, 0.0),
+        class_crop_fraction=_number(train.class_crop_fraction, "train.class_crop_fraction", float, 0.0, 1.0),
+        crop_classes=(_class_indices(list(crop_classes), names, "crop_classes") if crop_classes is not None
+                      else lesions or list(range(1, len(names)))),
+        dice_weight=_number(train.dice_weight, "train.dice_weight", float, 0.0),
+        ce_weight=_number(train.ce_weight, "train.ce_weight", float, 0.0),
+        every_n_steps=_number(validation.every_n_steps, "validation.every_n_steps", int, 1),
+        patience=None if validation.patience is None else _number(validation.patience, "validation.patience",
+                                                                  int, 1),
+        lesion_weight=_number(validation.lesion_weight, "validation.lesion_weight", float, 0.0, 1.0),
+        overlap=_number(seg.inference.overlap, "inference.overlap", float, 0.0, 0.95),
+    )
+
+
+@dataclass
+class Segmenter:
+    """A trained network and what predicting and reporting with it needs."""
+
+    net: torch.nn.Module
+    settings: Settings
+    device: torch.device
+    steps: int = 0                                      # training steps run
+    best_step: int | None = None                        # the step whose weights were kept (None: the last)
+    history: list[dict] = field(default_factory=list)   # validations: step, score, Dice per class
+    seconds: float = 0.0                                # training wall time, validations included
+
+
+class CropSampler:
+    """Training crops of one pool of volumes: with probability `class_crop_fraction` centred (up to a quarter of
+    the crop off) on a random voxel of a class drawn uniformly among the `crop_classes` the pool holds, in a volume
+    drawn among those holding that class; otherwise anywhere in a volume drawn uniformly."""
+
+    def __init__(self, pool: Sequence[Volume], settings: Settings, generator: torch.Generator):
+        self.pool, self.settings, self.generator = list(pool), settings, generator
+        holders = {c: [v for v in self.pool if len(v.voxels(c))] for c in settings.crop_classes}
+        self.holders = {c: volumes for c, volumes in holders.items() if volumes}
+        self.classes = sorted(self.holders)
+        self.reach = np.array([max(1, s // 4) for s in settings.crop_size])
+
+    def _index(self, n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=self.generator))
+
+    def crop(self) -> tuple[np.ndarray, np.ndarray]:
+        size = self.settings.crop_size
+        if self.classes and float(torch.rand((), generator=self.generator)) < self.settings.class_crop_fraction:
+            cls = self.classes[self._index(len(self.classes))]
+            volume = self.holders[cls][self._index(len(self.holders[cls]))]
+            voxels = volume.voxels(cls)
+            jitter = np.array([self._index(2 * r + 1) - r for r in self.reach])
+            centre = (voxels[self._index(len(voxels))] + jitter)[None]
+            return sample_crop(volume.image, volume.label, size, foreground=centre, foreground_prob=1.0,
+                               generator=self.generator)
+        volume = self.pool[self._index(len(self.pool))]
+        return sample_crop(volume.image, volume.label, size, foreground=NO_VOXELS, foreground_prob=0.0,
+                           generator=self.generator)
+
+
+def _score(per_class: Mapping[str, float], settings: Settings) -> float:
+    """lesion_weight x mean lesion Dice + (1 - lesion_weight) x mean foreground Dice (classes with a value)."""
+    names = settings.class_names
+    foreground = [v for v in per_class.values() if not math.isnan(v)]
+    lesion = [per_class[names[c]] for c in settings.lesions if not math.isnan(per_class[names[c]])]
+    if not foreground:
+        return float("nan")
+    mean = float(np.mean(foreground))
+    return mean if not lesion else settings.lesion_weight * float(np.mean(lesion)) + (
+        1.0 - settings.lesion_weight) * mean
+
+
+def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: int, *,
+                    synthetic: Sequence[Volume] = (), synthetic_per_real: float = 1.0,
+                    device: torch.device | None = None) -> Segmenter:
+    """Adam on Dice + cross-entropy over random crops, validated every `every_n_steps` steps on `val` (per-class
+    Dice of whole volumes); returns the state with the best validation score, stopping after `patience`
+    validations without a better one."""
+    if not train:
+        raise UserError("segmenter: no real training cases")
+    settings = settings_from(cfg)
+    device = torch.device("cpu") if device is None else device
+    started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    net = build_segmenter(network).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    net = build_segmenter(settings.network).to(device)
+    model = Segmenter(net, settings, device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=settings.dice_weight,
+                         lambda_ce=settings.ce_weight)
+    real_crops = CropSampler(train, settings, generator)
+    synthetic_crops = CropSampler(synthetic, settings, generator) if synthetic else None
     share = synthetic_per_real / (1.0 + synthetic_per_real) if synthetic else 0.0
-    net.train()
-    for _ in range(steps):
-        images, labels = [], []
-        for _ in range(batch_size):
-            pool = synthetic if float(torch.rand((), generator=generator)) < share else real
-            pick = int(torch.randint(0, len(pool), (1,), generator=generator))
-            image, label = _batch(pool, [pick], crop_size, foreground_prob, generator)
-            images.append(image)
-            labels.append(label)
-        loss = loss_fn(net(torch.cat(images).to(device)), torch.cat(labels).to(device))
+    best_score, best_state, waited = -math.inf, None, 0
+    for step in range(1, settings.max_steps + 1):
+        net.train()
+        crops = [(synthetic_crops if float(torch.rand((), generator=generator)) < share else real_crops).crop()
+                 for _ in range(settings.batch_size)]
+        images = torch.from_numpy(np.stack([np.ascontiguousarray(c[0]) for c in crops]))[:, None].to(device)
+        labels = torch.from_numpy(np.stack([np.ascontiguousarray(c[1]) for c in crops]))[:, None].to(device)
+        loss = loss_fn(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return net.eval()
+        model.steps = step
+        if not val or (step % settings.every_n_steps and step != settings.max_steps):
+            continue
+        per_class = mean_per_class(evaluate_dice(model, val))
+        score = _score(per_class, settings)
+        model.history.append({"step": step, "score": score, "dice": per_class,
+                              "seconds": time.perf_counter() - started})
+        if score > best_score:
+            best_score, best_state, waited, model.best_step = score, copy.deepcopy(net.state_dict()), 0, step
+        else:
+            waited += 1
+            if settings.patience is not None and waited >= settings.patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    model.seconds = time.perf_counter() - started
+    net.eval()
+    return model
 
 
 @torch.no_grad()
-def predict(net: torch.nn.Module, image: np.ndarray, *, crop_size: Sequence[int], overlap: float,
-            device: torch.device) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-    logits = sliding_window_inference(x, roi_size=list(crop_size), sw_batch_size=2, predictor=net,
-                                      overlap=overlap, mode="gaussian", padding_mode="constant", cval=-1.0)
+def predict(model: Segmenter, image: np.ndarray) -> np.ndarray:
+    """Label map (int64) of an image on the model grid: sliding windows of the training crop size."""
+    model.net.eval()
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(model.device)
+    logits = sliding_window_inference(x, roi_size=list(model.settings.crop_size), sw_batch_size=4,
+                                      predictor=model.net, overlap=model.settings.overlap, mode="gaussian",
+                                      padding_mode="constant", cval=-1.0)
     return logits.argmax(dim=1)[0].cpu().numpy()
 
 
-def dice_on(net, volumes: list[Volume], *, label_nc: int, crop_size, overlap: float, device) -> list[dict]:
-    """Per volume: {"name", "dice": {class: value}} with background excluded."""
-    return [{"name": v.name, "dice": dice_per_class(predict(net, v.image, crop_size=crop_size, overlap=overlap,
-                                                            device=device), v.label, label_nc)}
-            for v in volumes]
+def evaluate_dice(model: Segmenter, cases: Sequence[Volume]) -> dict[str, dict[str, float]]:
+    """{case: {class name: Dice}} for the foreground classes, the lesion classes first."""
+    names, label_nc = model.settings.class_names, len(model.settings.class_names)
+    results = {}
+    for case in cases:
+        dice = dice_per_class(predict(model, case.image), case.label, label_nc)
+        results[case.name] = {names[c]: dice[c] for c in model.settings.report_order}
+    return results
 
 
-def save_segmenter(net: torch.nn.Module, path: Path, *, network: dict, dataset_cfg, crop_size, overwrite: bool,
-                   train_cases: list[str]) -> Path:
+def mean_per_class(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{class name: mean Dice over the cases where it is defined (NaN where none)}, in the cases' class order."""
+    classes = list(next(iter(per_case.values()))) if per_case else []
+    means = {}
+    for name in classes:
+        values = [case[name] for case in per_case.values() if not math.isnan(case[name])]
+        means[name] = float(np.mean(values)) if values else float("nan")
+    return means
+
+
+def save_segmenter(model: Segmenter, path: Path, *, dataset_cfg, overwrite: bool, train_cases: list[str]) -> Path:
     """Weights plus what is needed to rebuild the network and preprocess a volume as in training."""
     payload = {
         "kind": SEGMENTER_KIND,
-        "network": network,
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "network": model.settings.network,
+        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
         "spacing": [float(s) for s in dataset_cfg.spacing],
         "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True),
-        "crop_size": [int(c) for c in crop_size],
+        "crop_size": list(model.settings.crop_size),
+        "class_names": list(model.settings.class_names),
         "dataset": str(dataset_cfg.name),
         "n_train_cases": len(train_cases),
+        "steps": model.steps,
+        "best_step": model.best_step,
     }
     with atomic_path(path, overwrite) as tmp:
         torch.save(payload, tmp)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ddpm.schedule import DiffusionSchedule, make_betas
 
@@ -27,7 +28,7 @@ def test_cosine_betas_follow_the_squared_cosine():
     f = [math.cos((t / 3 + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(4)]
     expected_bar = [f[t + 1] / f[0] for t in range(3)]
     expected_bar[2] = expected_bar[1] * (1 - 0.999)  # last beta (1 - 0/f2 = 1) is capped at 0.999
-    schedule = DiffusionSchedule(timesteps=3, beta_schedule="cosine", prediction="eps")
+    schedule = DiffusionSchedule(timesteps=3, beta_schedule="cosine", prediction="v")
     assert schedule.alpha_bar.tolist() == pytest.approx(expected_bar, rel=1e-9)
     # with many steps the rescaled linear schedule and the cosine one both end close to pure noise
     for kind in ("linear", "cosine"):
@@ -66,9 +67,9 @@ def test_posterior_golden():
     assert float(var_j) == pytest.approx(beta_ts * (1 - a_s) / (1 - a_t), rel=1e-10)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_targets_and_conversions_round_trip(prediction):
-    schedule = DiffusionSchedule(timesteps=10, beta_schedule="cosine", prediction=prediction)
+@pytest.mark.parametrize("beta_schedule,prediction", [("linear", "eps"), ("cosine", "x0"), ("cosine", "v")])
+def test_targets_and_conversions_round_trip(beta_schedule, prediction):
+    schedule = DiffusionSchedule(timesteps=10, beta_schedule=beta_schedule, prediction=prediction)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64)
     noise = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64)
@@ -84,8 +85,51 @@ def test_targets_and_conversions_round_trip(prediction):
         torch.testing.assert_close(eps_hat, noise[i:i + 1])
 
 
+def test_q_sample_between_two_levels():
+    """x_s noised on to level t: sqrt(a_t / a_s) x_s + sqrt(1 - a_t / a_s) z; from the clean end (s = -1) the
+    ordinary q_sample, and two hops have the forward marginal of one (same mean factor and variance)."""
+    schedule = DiffusionSchedule(timesteps=3, beta_schedule="linear", prediction="eps")
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+
+    def coefficients(t, s):  # (factor on x, factor on the noise)
+        return float(schedule.q_sample(one, t, zero, s=s)), float(schedule.q_sample(zero, t, one, s=s))
+
+    ratio = ALPHA_BAR[2] / ALPHA_BAR[0]
+    assert coefficients(2, 0) == pytest.approx((math.sqrt(ratio), math.sqrt(1 - ratio)), rel=1e-12)
+    assert coefficients(1, -1) == pytest.approx((math.sqrt(ALPHA_BAR[1]), math.sqrt(1 - ALPHA_BAR[1])), rel=1e-12)
+    x = torch.tensor([[1.5], [-2.0]], dtype=torch.float64)
+    z = torch.tensor([[-0.5], [0.25]], dtype=torch.float64)
+    torch.testing.assert_close(schedule.q_sample(x, 1, z), schedule.q_sample(x, torch.tensor([1, 1]), z, s=-1))
+    hop, first, direct = coefficients(2, 0), coefficients(0, -1), coefficients(2, -1)  # 0 -> 2 after clean -> 0
+    assert hop[0] * first[0] == pytest.approx(direct[0], rel=1e-12)
+    assert (hop[0] * first[1]) ** 2 + hop[1] ** 2 == pytest.approx(direct[1] ** 2, rel=1e-12)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="beta_schedule"):
         DiffusionSchedule(timesteps=10, beta_schedule="quadratic", prediction="eps")
     with pytest.raises(ValueError, match="prediction"):
         DiffusionSchedule(timesteps=10, beta_schedule="linear", prediction="score")
+    # the cosine schedule ends at alpha_bar ~ 2.4e-9: an eps network's x0 estimate is 2e4 times its error there
+    with pytest.raises(ValueError, match=r"prediction=eps with beta_schedule=cosine .*2\.4e-09.*prediction=v"):
+        DiffusionSchedule(timesteps=1000, beta_schedule="cosine", prediction="eps")
+
+
+def test_the_config_refuses_eps_on_the_cosine_schedule_in_one_line():
+    """At model construction from `config/model/diffusion.yaml`: its defaults (cosine, v) build, eps does not."""
+    from ddpm.config import build_latent_diffusion
+    from ddpm_tiny import TINY_UNET, tiny_vqgan
+    from utils.errors import UserError
+    from utils.paths import CONFIG_DIR
+
+    model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "diffusion.yaml")
+    assert (model_cfg.beta_schedule, model_cfg.prediction) == ("cosine", "v")
+    model_cfg.unet = OmegaConf.merge(model_cfg.unet, {k: v for k, v in TINY_UNET.items() if k != "decoder"})
+    vqgan = tiny_vqgan()
+    assert build_latent_diffusion(model_cfg, vqgan, 3).schedule.prediction == "v"
+    model_cfg.prediction = "eps"
+    with pytest.raises(UserError, match="^model: prediction=eps with beta_schedule=cosine") as err:
+        build_latent_diffusion(model_cfg, vqgan, 3)
+    assert "\n" not in str(err.value)
+    model_cfg.beta_schedule = "linear"
+    assert build_latent_diffusion(model_cfg, vqgan, 3).schedule.beta_schedule == "linear"

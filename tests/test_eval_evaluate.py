@@ -149,6 +149,87 @@ def test_percentile_domain_removes_an_arbitrary_scanner_gain(folders, tmp_path):
         run(config(base + [f"out={tmp_path / 'bad'}", "domain=percentile", "percentiles=[99,1]"]))
 
 
+def ct_with_bone_and_air(root, window=(-1000.0, 1000.0)):
+    """Real CT whose bone (1600 HU) lies above the window and air (-1024 HU) below it; the synthetic volume is
+    the real one clipped to the window: the best a model with that window can do."""
+    affine = phantom_affine((2.0, 2.0, 3.0), orientation="LPS")
+    errors = []  # unclipped: the mean |real - synthetic| the model could not avoid
+    for i in range(2):
+        image, label = phantom_volume(SHAPE, 3, "ct", seed=i)
+        image = image.astype(np.float32)
+        image[label == 2] += 700.0  # 1600 HU bone, above the window
+        image[:, :, :2] = -1024.0  # air outside the body, below the window
+        assert image.max() > window[1] and image.min() < window[0]
+        save_nifti(image, affine, root / "real" / f"case{i}.nii.gz")
+        save_nifti(np.clip(image, *window).astype(np.int16), affine, root / "fake" / f"case{i}_syn0.nii.gz",
+                   dtype=np.int16)
+        errors.append(float(np.abs(image - np.clip(image, *window)).mean()))
+    return root, float(np.mean(errors))
+
+
+def test_ct_is_clipped_to_the_model_window(tmp_path):
+    """A synthetic CT equal to the real one inside the model's HU window is perfect: SSIM 1, PSNR inf, with the
+    window from the stage-2 checkpoint (data range = its width) or from window=; clip=false shows the bias."""
+    from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
+
+    root, unclipped_mae = ct_with_bone_and_air(tmp_path)
+    ckpt = save_tiny_diffusion(tmp_path / "ct.ckpt", tiny_diffusion(), modality="ct")
+    base = [f"real={root / 'real'}", f"fake={root / 'fake'}", "metrics=[ssim,psnr,mae]"]
+    run(config(base + [f"out={tmp_path / 'ckpt'}", f"ckpt={ckpt}"]))
+    report = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    settings, results = report["settings"], report["metrics"]
+    assert settings["clipping"]["applied"] is True and settings["clipping"]["window"] == [-1000.0, 1000.0]
+    assert str(ckpt) in settings["clipping"]["source"] and settings["data_range"] == 2000.0
+    assert settings["window_for_2d_networks"] == [-1000.0, 1000.0]
+    assert results["psnr"]["value"] == "inf" and results["mae"]["value"] == 0.0
+    assert results["ssim"]["value"] == pytest.approx(1.0, abs=1e-9)
+    assert results["ssim"]["settings"]["clipped_to_window"] == [-1000.0, 1000.0]
+
+    run(config(base + [f"out={tmp_path / 'window'}", "window=[-1000,1000]", "data_range=2000"]))
+    report = json.loads((tmp_path / "window" / "metrics.json").read_text())
+    assert report["settings"]["clipping"] == {"applied": True, "window": [-1000.0, 1000.0], "source": "window="}
+    assert report["metrics"]["psnr"]["value"] == "inf"
+
+    run(config(base + [f"out={tmp_path / 'raw'}", f"ckpt={ckpt}", "clip=false", "data_range=2000"]))
+    report = json.loads((tmp_path / "raw" / "metrics.json").read_text())
+    assert report["settings"]["clipping"]["applied"] is False and report["settings"]["clipped_to_window"] is None
+    assert report["metrics"]["mae"]["value"] == pytest.approx(unclipped_mae, rel=1e-5) and unclipped_mae > 1
+    assert report["metrics"]["ssim"]["value"] < 0.99
+
+
+def test_mr_checkpoint_has_no_window_to_clip(tmp_path):
+    from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
+
+    root, _ = ct_with_bone_and_air(tmp_path)
+    ckpt = save_tiny_diffusion(tmp_path / "mr.ckpt", tiny_diffusion(), modality="mr")
+    base = [f"real={root / 'real'}", f"fake={root / 'fake'}", "metrics=[psnr]", f"ckpt={ckpt}"]
+    with pytest.raises(UserError, match="data_range: required for domain=native"):
+        run(config(base + [f"out={tmp_path / 'x'}"]))
+    run(config(base + [f"out={tmp_path / 'mr'}", "data_range=2000"]))
+    clipping = json.loads((tmp_path / "mr" / "metrics.json").read_text())["settings"]["clipping"]
+    assert clipping["applied"] is False and "mr model without a fixed window" in clipping["source"]
+
+
+def test_pairs_on_different_grids_are_refused(tmp_path):
+    """Same shape, origin shifted by one voxel: a one-line error naming both files."""
+    image = np.round(phantom_volume(SHAPE, 3, "ct", seed=0)[0]).astype(np.float32)
+    affine = phantom_affine((2.0, 2.0, 3.0), orientation="LPS")
+    save_nifti(image.astype(np.int16), affine, tmp_path / "real" / "case0.nii.gz", dtype=np.int16)
+    shifted = affine.copy()
+    shifted[:3, 3] += (0.0, 0.0, 3.0)
+    save_nifti(image, shifted, tmp_path / "fake" / "case0_syn0.nii.gz")
+    cfg = config([f"real={tmp_path / 'real'}", f"fake={tmp_path / 'fake'}", f"out={tmp_path / 'out'}",
+                  "data_range=2000", "metrics=[psnr]"])
+    with pytest.raises(UserError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert "\n" not in message and "affine differs" in message and "by up to 3 mm" in message
+    assert str(tmp_path / "fake" / "case0_syn0.nii.gz") in message and str(tmp_path / "real" / "case0.nii.gz") in message
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    save_nifti(image, affine, tmp_path / "fake" / "case0_syn0.nii.gz", overwrite=True)
+    assert run(cfg)["metrics"]["psnr"]["value"] == float("inf")
+
+
 def test_bad_settings_are_user_errors(folders, tmp_path):
     base = [f"real={folders / 'real'}", f"fake={folders / 'fake'}", f"out={tmp_path / 'x'}"]
     with pytest.raises(UserError, match="data_range: required for domain=native"):

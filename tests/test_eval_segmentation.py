@@ -1,4 +1,5 @@
-"""Segmentation CLI on a tiny phantom data set: Dice (background excluded), the synthetic/real ratio, the
+"""The segmenter (lesion-aware crops, validation-based selection and early stop, per-class Dice keyed by name) and
+the segmentation CLI on a tiny phantom data set: Dice (background excluded), the synthetic/real ratio, the
 augmentation experiment with bootstrap intervals, and the saved segmenter reused as a 3D feature extractor."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataset.phantoms import write_phantom_dataset
 from dataset.split import make_split
 from dataset.checks import validate_dataset
 from evaluation.evaluate import run as run_evaluate
-from evaluation.segmentation import bootstrap_ci
+from evaluation.segmenter import CropSampler, Volume, evaluate_dice, predict, settings_from, train_segmenter
 from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 
@@ -31,11 +32,94 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def test_bootstrap_interval():
-    values = np.array([0.5, 0.6, 0.7, 0.8])
-    low, high = bootstrap_ci(values, samples=2000, confidence=0.95, seed=0)
-    assert low < values.mean() < high and 0.5 <= low and high <= 0.8
-    assert bootstrap_ci(np.full(5, 0.3), samples=100, confidence=0.9, seed=0) == (pytest.approx(0.3),) * 2
+def _cfg(overrides=()):
+    """The segmentation config on a 3-class toy data set: tissue and a small 'spot' lesion class."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose("segmentation", overrides=[
+            "dataset.label_nc=3", "dataset.class_names=[background,tissue,spot]", "dataset.lesion_classes=[spot]",
+            "dataset.crop_size=[16,16,8]", "segmenter.network.channels=[4,8]", "segmenter.network.strides=[2]",
+            "segmenter.network.num_res_units=0", *overrides])
+
+
+def _toy(name, seed, spots=True, value=None):
+    """A 32x32x16 volume: a tissue block (class 1) holding two bright 2x2x2 spots (class 2); `value`: a constant
+    image that tells the volume apart."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((32, 32, 16), dtype=np.int64)
+    label[4:28, 4:28, 2:14] = 1
+    if spots:
+        for _ in range(2):
+            x, y, z = rng.integers(6, 24), rng.integers(6, 24), rng.integers(3, 11)
+            label[x:x + 2, y:y + 2, z:z + 2] = 2
+    image = np.array([-1.0, 0.0, 0.8])[label] + rng.normal(0, 0.05, label.shape) if value is None \
+        else np.full(label.shape, value)
+    return Volume.from_arrays(name, image.astype(np.float32), label)
+
+
+def test_class_crops_are_centred_on_the_rare_class_of_the_volumes_that_hold_it():
+    settings = settings_from(_cfg(["segmenter.train.class_crop_fraction=1.0"]))
+    assert settings.crop_classes == [2] and settings.report_order == [2, 1]  # the lesion classes by default
+    pool = [_toy("none", 0, spots=False, value=0.1), _toy("spots", 1, value=0.7)]
+    sampler = CropSampler(pool, settings, torch.Generator().manual_seed(0))
+    crops = [sampler.crop() for _ in range(100)]
+    assert all(image.shape == (16, 16, 8) for image, _ in crops)
+    assert all(np.all(image == np.float32(0.7)) for image, _ in crops)  # never the volume without spots
+    assert all((label == 2).any() for _, label in crops)  # jittered by at most a quarter: the voxel stays inside
+    uniform = CropSampler(pool, settings_from(_cfg(["segmenter.train.class_crop_fraction=0.0"])),
+                          torch.Generator().manual_seed(0))
+    crops = [uniform.crop() for _ in range(200)]
+    assert 0.3 < np.mean([np.all(image == np.float32(0.1)) for image, _ in crops]) < 0.7  # either volume
+    assert np.mean([(label == 2).any() for _, label in crops]) < 0.5  # anywhere: often no spot at all
+
+
+def test_class_crops_balance_the_classes():
+    settings = settings_from(_cfg(["segmenter.train.class_crop_fraction=1.0",
+                                   "segmenter.train.crop_classes=[tissue,spot]"]))
+    assert settings.crop_classes == [1, 2]
+    tissue_only = CropSampler([_toy("a", 0)], settings_from(_cfg(["segmenter.train.class_crop_fraction=1.0",
+                                                                 "segmenter.train.crop_classes=[1]"])),
+                              torch.Generator().manual_seed(0))
+    balanced = CropSampler([_toy("a", 0)], settings, torch.Generator().manual_seed(0))
+    tissue_rate = np.mean([(tissue_only.crop()[1] == 2).any() for _ in range(300)])
+    balanced_rate = np.mean([(balanced.crop()[1] == 2).any() for _ in range(300)])
+    # half the balanced crops are spot-centred (always holding a spot), half tissue-centred
+    assert balanced_rate == pytest.approx(0.5 + 0.5 * tissue_rate, abs=0.08)
+
+
+def test_training_keeps_the_best_validation_state_and_stops_after_patience(one_thread):
+    train = [_toy(f"t{i}", i) for i in range(3)]
+    val = [_toy("v0", 10), _toy("v1", 11, spots=False)]
+    cfg = _cfg(["segmenter.train.max_steps=40", "segmenter.validation.every_n_steps=10",
+                "segmenter.validation.patience=null", "segmenter.train.lr=0.02"])
+    model = train_segmenter(train, val, cfg, seed=0)
+    assert [h["step"] for h in model.history] == [10, 20, 30, 40] and model.steps == 40
+    scores = [h["score"] for h in model.history]
+    assert len(set(scores)) > 1  # it trains
+    best = model.history[int(np.argmax(scores))]
+    assert model.best_step == best["step"]
+    again = evaluate_dice(model, val)  # the returned weights are those of the best validation
+    assert list(again["v0"]) == ["spot", "tissue"]  # keyed by class name, the lesion first
+    means = {name: np.nanmean([again[case][name] for case in again]) for name in ("spot", "tissue")}
+    assert means == pytest.approx(best["dice"])
+    assert best["score"] == pytest.approx(0.5 * means["spot"] + 0.5 * np.mean(list(means.values())))
+    frozen = train_segmenter(train, val, _cfg(["segmenter.train.max_steps=100", "segmenter.train.lr=0.0",
+                                               "segmenter.validation.every_n_steps=5",
+                                               "segmenter.validation.patience=2"]), seed=0)
+    assert frozen.steps == 15 and frozen.best_step == 5  # nothing improves after the first validation
+    no_val = train_segmenter(train, [], cfg, seed=0)
+    assert no_val.steps == 40 and no_val.history == [] and no_val.best_step is None
+    assert predict(no_val, val[0].image).shape == val[0].image.shape
+
+
+@pytest.mark.parametrize("override, message", [
+    ("segmenter.train.crop_classes=[cortex]", "crop_classes"),
+    ("segmenter.train.class_crop_fraction=1.5", "class_crop_fraction"),
+    ("segmenter.validation.every_n_steps=0", "every_n_steps"),
+    ("segmenter.train.crop_size=[16,16]", "crop_size"),
+])
+def test_bad_segmenter_settings_are_user_errors(override, message):
+    with pytest.raises(UserError, match=f"segmenter.*{message}"):
+        settings_from(_cfg([override]))
 
 
 def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
@@ -46,8 +130,9 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
                  "dataset.crop_size=[16,16,16]", "dataset.split.test_fraction=0.25",
                  f"dataset.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'out'}",
                  f"synthetic=[{tmp_path / 'syn'},{tmp_path / 'syn_train'}]",
-                 "train.steps=25", "train.lr=0.01", "augmentation.seeds=[0,1]", "bootstrap.samples=200",
-                 "device=cpu"]
+                 "segmenter.train.max_steps=30", "segmenter.train.lr=0.01", "segmenter.validation.every_n_steps=15",
+                 "segmenter.network.channels=[8,16]", "segmenter.network.strides=[2]",
+                 "augmentation.seeds=[0,1]", "bootstrap.samples=200", "device=cpu"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("segmentation", overrides=overrides)
     split = make_split(validate_dataset(cfg.dataset).cases, cfg.dataset.split)
@@ -64,9 +149,10 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     trained_on = []
     real_train = segmentation.train_segmenter
 
-    def recording(real, synthetic, **kwargs):
+    def recording(real, val, cfg, seed, *, synthetic=(), **kwargs):
+        assert [v.name for v in val] == split["val"]  # model selection on the validation cases only
         trained_on.append([v.name for v in real] + [v.name for v in synthetic])
-        return real_train(real, synthetic, **kwargs)
+        return real_train(real, val, cfg, seed, synthetic=synthetic, **kwargs)
 
     monkeypatch.setattr(segmentation, "train_segmenter", recording)
     segmentation.run(cfg)
@@ -80,12 +166,16 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     report = json.loads((tmp_path / "out" / "segmentation.json").read_text())
     metrics = report["metrics"]
     real, synthetic = metrics["dice_real_test"], metrics["dice_synthetic_test"]
-    assert set(real["per_class"]) == {"1", "2"}  # background excluded
+    assert list(real["per_class"]) == ["class_1", "class_2"]  # keyed by class name, background excluded
     assert real["n"] == 2 and synthetic["n"] == 2
     assert 0 <= real["mean"] <= 1 and max(real["per_class"].values()) > 0.5  # it learned something
+    training = metrics["training"]
+    assert [v["step"] for v in training["validations"]] == [15, 30] and training["steps"] == 30
     # the synthetic test volumes are the real images, so the segmenter's Dice and the ratio are exact
     assert synthetic["mean"] == pytest.approx(real["mean"], abs=1e-12)
     assert metrics["dice_ratio_synthetic_over_real"]["value"] == pytest.approx(1.0, abs=1e-12)
+    assert metrics["dice_ratio_synthetic_over_real"]["per_class"] == {"class_1": pytest.approx(1.0, abs=1e-12),
+                                                                      "class_2": pytest.approx(1.0, abs=1e-12)}
     assert report["settings"]["synthetic_ignored"] == [f"{c}_syn0" for c in split["val"]]
     augmentation = metrics["augmentation"]
     for arm in ("real", "real+synthetic", "difference"):
@@ -94,7 +184,7 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     with open(tmp_path / "out" / "per_case.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["experiment"] for r in rows} == {"fidelity", "augmentation"}
-    assert "dice_0" not in rows[0] and {"dice_1", "dice_2", "dice_mean"} <= set(rows[0])
+    assert "dice_background" not in rows[0] and {"dice_class_1", "dice_class_2", "dice_mean"} <= set(rows[0])
     assert len([r for r in rows if r["experiment"] == "augmentation"]) == 2 * 2 * 2  # arms x seeds x cases
 
     # the segmenter trained on real data is a 3D feature extractor that needs no download

@@ -84,14 +84,11 @@ def test_resume_never_and_missing_path(tmp_path):
         raise AssertionError("a missing resume checkpoint must be refused")
 
 
-def test_resume_auto_prefers_the_newest_checkpoint(tmp_path):
+def test_resume_auto_takes_last_ckpt_only(tmp_path):
+    (tmp_path / "best.ckpt").write_bytes(b"b")
+    assert common.find_resume_checkpoint(tmp_path, "auto") is None  # best.ckpt is not a training state to resume
     (tmp_path / "last.ckpt").write_bytes(b"a")
-    hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"b")
-    import os
-
-    os.utime(tmp_path / "last.ckpt", (1, 1))
-    assert common.find_resume_checkpoint(tmp_path, "auto") == str(hpc)
+    assert common.find_resume_checkpoint(tmp_path, "auto") == str(tmp_path / "last.ckpt")
 
 
 def test_image_grid_layout():

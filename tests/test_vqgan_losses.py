@@ -166,7 +166,8 @@ def test_one_discriminator_pass_gives_the_gradients_of_the_usual_two_pass_update
     fake = weight * smooth_volume(2, seed=1)
     commitment = torch.zeros(())
 
-    total, terms, passes = loss.generator_loss(real, fake, commitment, step=5, generator=torch.Generator().manual_seed(3))
+    total, terms, passes = loss.generator_loss(real, fake, {"commitment": commitment}, step=5,
+                                               generator=torch.Generator().manual_seed(3))
     d_total, _ = loss.discriminator_loss(passes)
     disc_params = [p for d in loss.discriminators() for p in d.parameters()]
     d_grads = torch.autograd.grad(d_total, disc_params, retain_graph=True)

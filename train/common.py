@@ -34,14 +34,13 @@ def resolve_precision(precision: str | int) -> str | int:
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
-    """`auto`: the newest of `<run_dir>/last.ckpt` and Lightning's Slurm requeue checkpoints (`hpc_ckpt_*.ckpt`),
-    or None for a fresh run; `never`: None; anything else: a checkpoint path that must exist."""
+    """`auto`: `<run_dir>/last.ckpt` (also what a Slurm requeue saves, see `train.requeue`), or None for a fresh
+    run; `never`: None; anything else: a checkpoint path that must exist."""
     if resume in (None, "never"):
         return None
     if resume == "auto":
-        candidates = [run_dir / LAST_CKPT, *run_dir.glob("hpc_ckpt_*.ckpt")]
-        existing = [p for p in candidates if p.is_file()]
-        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+        last = run_dir / LAST_CKPT
+        return str(last) if last.is_file() else None
     path = Path(resume)
     if not path.is_file():
         raise UserError(f"{path}: train.resume points at a checkpoint that does not exist")

@@ -4,23 +4,26 @@ Before the first step of a fresh run, the latent scale factor is computed from `
 training batches (summed over DDP ranks); a resumed run keeps the one stored in its checkpoint. The EMA weights
 follow every optimiser step and are the ones validated, sampled and shipped. Checkpoints carry
 `"stage": "diffusion"` and everything `ddpm.checkpoint.load_diffusion` needs to sample without this config.
+The stage-1 checkpoint must come from the same data (data set, modality, spacing, intensity map, label classes);
+its patient split (`stage1_split`) is the one the data module reuses.
 """
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ddpm.checkpoint import STAGE, checkpoint_metadata
 from ddpm.config import build_latent_diffusion
+from ddpm.latent_cache import attach_latent_cache
 from ddpm.latent_diffusion import LatentDiffusion, make_optimizer, per_sample_loss
 from ddpm.samplers import SamplerSettings, gaussian
 from train.common import mean_over_unique_cases, save_image_grid
+from utils.checkpoint import dataset_settings
 from utils.errors import UserError
-from vq_gan_3d.checkpoint import load_vqgan
+from vq_gan_3d.checkpoint import load_vqgan_for_dataset
 
 
 VAL_TIMESTEP_QUANTILES = (0.1, 0.35, 0.6, 0.85)  # fixed timesteps (fractions of T) of the validation loss
@@ -30,22 +33,19 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode())
 
 
-def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
-    """What sampling needs to know about the training data: grid, intensities, classes."""
-    return {"name": str(dataset_cfg.name), "modality": str(dataset_cfg.modality),
-            "label_nc": int(dataset_cfg.label_nc),
-            "class_names": OmegaConf.to_container(dataset_cfg.class_names) if dataset_cfg.class_names else None,
-            "spacing": [float(s) for s in dataset_cfg.spacing], "crop_size": [int(s) for s in dataset_cfg.crop_size],
-            "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True)}
-
-
-def build_model(cfg: DictConfig) -> LatentDiffusion:
-    model = build_latent_diffusion(cfg.model, load_vqgan(cfg.model.vqgan_ckpt), int(cfg.dataset.label_nc))
+def build_model(cfg: DictConfig) -> tuple[LatentDiffusion, dict[str, list[str]] | None]:
+    """The model on the stage-1 checkpoint (refused if trained on other data) and stage 1's patient split."""
+    vqgan, split = load_vqgan_for_dataset(cfg.model.vqgan_ckpt, cfg.dataset, stage1_source(cfg))
+    model = build_latent_diffusion(cfg.model, vqgan, int(cfg.dataset.label_nc))
     try:
         model.check_image_size(cfg.dataset.crop_size)
     except ValueError as err:
         raise UserError(f"dataset.crop_size: {err}") from None
-    return model
+    return model, split
+
+
+def stage1_source(cfg: DictConfig) -> str:
+    return f"model.vqgan_ckpt={cfg.model.vqgan_ckpt}"
 
 
 class LitDiffusion(pl.LightningModule):
@@ -53,10 +53,11 @@ class LitDiffusion(pl.LightningModule):
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
-        self.model = build_model(cfg)
+        self.model, self.stage1_split = build_model(cfg)  # the data module reuses stage 1's split
         self.lr = float(cfg.model.lr)
         self.weight_decay = float(cfg.model.weight_decay)
         self.scale_factor_batches = int(cfg.model.scale_factor_batches)
+        self.use_latent_cache = bool(cfg.model.latent_cache)
         val = cfg.model.validation
         try:
             self.val_sampler = SamplerSettings(str(val.sampler), int(val.steps), float(val.eta))
@@ -78,6 +79,9 @@ class LitDiffusion(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if self.intensity_reference is None and hasattr(datamodule, "reference_intensity_params"):
             self.intensity_reference = datamodule.reference_intensity_params()
+        if self.use_latent_cache:  # training crops become latent crops (local rank zero encodes, the rest wait)
+            attach_latent_cache(datamodule, self.model.vqgan, device=self.device, factor=self.model.vqgan.downsample,
+                                build=self.trainer.local_rank == 0, barrier=self.trainer.strategy.barrier)
         if not self.model.has_scale_factor:  # fresh run; a resumed one restored its buffer already
             self._fit_scale_factor(datamodule.train_dataloader())
 
@@ -87,7 +91,8 @@ class LitDiffusion(pl.LightningModule):
         for i, batch in enumerate(loader):
             if i >= self.scale_factor_batches:
                 break
-            z = self.model.encode_unscaled(batch["image"].to(self.device)).double()
+            z = (batch["latent"].to(self.device) if "latent" in batch
+                 else self.model.encode_unscaled(batch["image"].to(self.device))).double()
             stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64, device=self.device),
                                   z.sum(), z.square().sum()])
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
@@ -100,8 +105,11 @@ class LitDiffusion(pl.LightningModule):
 
     # training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model.training_loss(batch["image"], batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        if "latent" in batch:  # from the latent cache
+            loss = self.model.latent_training_loss(batch["latent"], batch["label"])
+        else:
+            loss = self.model.training_loss(batch["image"], batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -10,27 +10,18 @@ loss scaling. Checkpoints carry `"stage": "vqgan"` and what `vq_gan_3d.checkpoin
 """
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from evaluation.metrics import gaussian_kernel_1d, psnr, ssim3d
 from train.common import mean_over_unique_cases, save_image_grid
+from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import STAGE, checkpoint_metadata
 from vq_gan_3d.config import build_loss, build_vqgan
 from vq_gan_3d.training import to_channels_last_3d, training_iteration
-
-
-def dataset_settings(dataset_cfg: DictConfig) -> dict[str, Any]:
-    """What encoding and reconstruction need to know about the training data: grid, intensities, classes."""
-    return {"name": str(dataset_cfg.name), "modality": str(dataset_cfg.modality),
-            "label_nc": int(dataset_cfg.label_nc), "spacing": [float(s) for s in dataset_cfg.spacing],
-            "crop_size": [int(s) for s in dataset_cfg.crop_size],
-            "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True)}
 
 
 REFERENCE_BLUR_SIGMAS = (1.0, 2.0)
@@ -75,6 +66,7 @@ class LitVQGAN(pl.LightningModule):
         self.seed = int(cfg.train.seed)
         self.dataset_info = dataset_settings(cfg.dataset)
         self.intensity_reference: dict | None = None
+        self.split: dict[str, list[str]] | None = None  # the data module's, stored for stage 2 to reuse
         self._val_metrics: dict[str, dict[str, float]] = {}
 
     # set-up -------------------------------------------------------------------------------------------------
@@ -92,6 +84,7 @@ class LitVQGAN(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if self.intensity_reference is None and hasattr(datamodule, "reference_intensity_params"):
             self.intensity_reference = datamodule.reference_intensity_params()
+        self.split = getattr(datamodule, "split", None)
 
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = batch["image"], batch["label"]
@@ -164,7 +157,7 @@ class LitVQGAN(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["stage"] = STAGE
         checkpoint["vqgan"] = checkpoint_metadata(self.vqgan, dataset=self.dataset_info,
-                                                  intensity_reference=self.intensity_reference)
+                                                  intensity_reference=self.intensity_reference, split=self.split)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stored = checkpoint.get("vqgan") or {}

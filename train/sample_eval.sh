@@ -69,5 +69,5 @@ checkpoint=$run_dir/last.ckpt
 # overwrite=true: a rerun of this job (requeue after a node failure) regenerates its own outputs.
 "${run_tasks[@]}" "$python" -m ddpm.sample "ckpt=$checkpoint" "labels=$out_dir/test/labels" \
     "out=$out_dir/samples" overwrite=true "${sample_overrides[@]}"
-"$python" -m evaluation.evaluate "real=$out_dir/test/images" "fake=$out_dir/samples" \
+"$python" -m evaluation.evaluate "real=$out_dir/test/images" "fake=$out_dir/samples" "ckpt=$checkpoint" \
     "labels=$out_dir/test/labels" "out=$out_dir/evaluation" overwrite=true "${evaluate_overrides[@]}"

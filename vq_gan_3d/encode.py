@@ -5,9 +5,10 @@
 Each case's whole preprocessed volume (model grid, normalised, padded at the end of each axis to a multiple of the
 down-sampling factor with the background value) becomes `<out_dir>/<split>/<case_id>.npz` holding `latent`
 (float32, embedding_dim x X/fx x Y/fy x Z/fz, the continuous encoder output before quantisation, as
-`VQGAN.encode` gives it), `label` (the label map on the same padded grid) and `pads`. `<out_dir>/latent_stats.json`
-records the latents' scale statistics over the training split (mean, std, `scale_factor` = 1/std, per channel too)
-and what produced them.
+`VQGAN.encode` gives it), `label` (the label map on the same padded grid) and `pads`. `<out_dir>/latents.json`
+records what produced them and each case's split. The cases are split as stage 1 was trained (the split stored in
+its checkpoint), and a data set other than the checkpoint's is refused. The latent scale factor is not computed
+here: stage 2 fits it (`train.lit_diffusion`), the one definition of it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, pad_to_multiple
 from dataset.datamodule import split_cases
 from utils.atomic import atomic_path
 from utils.errors import UserError, exit_on_user_error
-from vq_gan_3d.checkpoint import load_vqgan
+from vq_gan_3d.checkpoint import load_vqgan_for_dataset
 
 SPLITS = ("train", "val", "test")
 
@@ -35,32 +36,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name}: no CUDA device is available")
     return torch.device(name)
-
-
-class RunningStats:
-    """Per-channel count, sum and sum of squares in float64."""
-
-    def __init__(self, channels: int):
-        self.count = 0
-        self.sum = np.zeros(channels)
-        self.sum_sq = np.zeros(channels)
-
-    def add(self, latent: np.ndarray) -> None:
-        flat = latent.reshape(latent.shape[0], -1).astype(np.float64)
-        self.count += flat.shape[1]
-        self.sum += flat.sum(1)
-        self.sum_sq += (flat**2).sum(1)
-
-    def summary(self) -> dict:
-        if self.count == 0:
-            raise UserError("splits: no training case was encoded, so there are no scale statistics")
-        mean_c = self.sum / self.count
-        std_c = np.sqrt(np.maximum(self.sum_sq / self.count - mean_c**2, 0.0))
-        mean = float(self.sum.sum() / (self.count * len(self.sum)))
-        std = float(np.sqrt(max(self.sum_sq.sum() / (self.count * len(self.sum)) - mean**2, 0.0)))
-        return {"values_per_channel": self.count, "mean": mean, "std": std,
-                "scale_factor": 1.0 / std if std > 0 else None,
-                "channel_mean": mean_c.tolist(), "channel_std": std_c.tolist()}
 
 
 @torch.no_grad()
@@ -76,14 +51,12 @@ def encode_dataset(cfg: DictConfig) -> Path:
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown or not splits:
         raise UserError(f"splits: choose from {list(SPLITS)}, got {splits}")
-    if "train" not in splits:
-        raise UserError("splits: must include train (the scale statistics come from the training split)")
     ckpt = Path(str(cfg.ckpt))
     device = resolve_device(str(cfg.device))
-    model = load_vqgan(ckpt, map_location=device)
+    source = f"ckpt={ckpt}"
+    model, stored_split = load_vqgan_for_dataset(ckpt, cfg.dataset, source, map_location=device)
     out_dir = Path(str(cfg.out_dir)) if cfg.out_dir else ckpt.parent / "latents"
-    cases = split_cases(cfg.dataset)
-    stats = RunningStats(model.hparams["embedding_dim"])
+    cases = split_cases(cfg.dataset, stored_split, source)
     written = {}
     for split in splits:
         for case in cases[split]:
@@ -94,16 +67,13 @@ def encode_dataset(cfg: DictConfig) -> Path:
             with atomic_path(path, overwrite=bool(cfg.overwrite)) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, latent=latent, label=label, pads=np.asarray(pads, dtype=np.int64))
-            if split == "train":
-                stats.add(latent)
             written[case.case_id] = split
             print(f"{split}/{case.case_id}: latent {list(latent.shape)}", flush=True)
     record = {"checkpoint": ckpt.name, "dataset": str(cfg.dataset.name), "downsample": list(model.downsample),
-              "latent": "continuous encoder output before quantisation (VQGAN.encode)",
-              "statistics_of": "train", **stats.summary(), "cases": written}
-    with atomic_path(out_dir / "latent_stats.json", overwrite=bool(cfg.overwrite)) as tmp:
+              "latent": "continuous encoder output before quantisation (VQGAN.encode)", "cases": written}
+    with atomic_path(out_dir / "latents.json", overwrite=bool(cfg.overwrite)) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
-    print(f"wrote {len(written)} latents and latent_stats.json to {out_dir}", flush=True)
+    print(f"wrote {len(written)} latents and latents.json to {out_dir}", flush=True)
     return out_dir
 
 

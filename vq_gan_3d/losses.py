@@ -1,5 +1,6 @@
-"""Stage-1 training objective: L1 + perceptual (slices or volume) + commitment + hinge GAN from a 2D slice and a
-3D patch discriminator + discriminator feature matching.
+"""Stage-1 training objective: L1 + perceptual (slices or volume) + the latent kind's regulariser (commitment for
+ema_vq, KL for kl, none for fsq) + hinge GAN from a 2D slice and a 3D patch discriminator + discriminator feature
+matching.
 
 One discriminator forward on [real; fake] serves both steps of an iteration: the generator loss back-propagates
 through the fake half, the discriminator loss (computed from the same logits) only into the discriminators'
@@ -7,6 +8,7 @@ weights, and the detached real features are the feature-matching targets. Nothin
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +93,15 @@ class VQGANLoss(nn.Module):
         return step >= self.gan_start_step and bool(self.discriminators())
 
     def generator_loss(
-        self, real: torch.Tensor, fake: torch.Tensor, commitment: torch.Tensor, step: int,
+        self, real: torch.Tensor, fake: torch.Tensor, regularizer: Mapping[str, torch.Tensor], step: int,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DiscriminatorPass | None]:
         """Total generator loss, its logged terms, and the discriminator pass to reuse in the D step (None before
-        the GAN starts). `generator` draws the slices of the 2D losses."""
-        terms = {"l1": F.l1_loss(fake, real), "commitment": commitment}
-        total = self.l1_weight * terms["l1"] + commitment
+        the GAN starts). `regularizer` holds the latent's weighted loss terms (`info["regularizer"]` of the
+        VQ-GAN: {"commitment": ...}, {"kl": ...} or {}), added as they are. `generator` draws the slices of the 2D
+        losses."""
+        terms = {"l1": F.l1_loss(fake, real), **regularizer}
+        total = self.l1_weight * terms["l1"] + sum(regularizer.values())
         gan_on = self.gan_active(step)
         slices_needed = (self.perceptual is not None and self.perceptual.on_slices) or (
             gan_on and self.disc_2d is not None)

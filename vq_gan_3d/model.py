@@ -1,4 +1,11 @@
-"""The stage-1 network: encoder -> EMA vector quantiser -> decoder (normal, or SPADE fed the label map)."""
+"""The stage-1 network: encoder -> latent (one of three kinds) -> decoder (normal, or SPADE fed the label map).
+
+The latent kind (`quantizer`, stored in `hparams`): `ema_vq`, an EMA vector-quantised codebook (the paper's model,
+`quantizer.EMAVectorQuantizer`); `fsq`, finite scalar quantisation with an implicit codebook
+(`fsq.FiniteScalarQuantizer`); `kl`, a continuous Gaussian latent with a KL penalty (`kl.GaussianLatent`). All
+three share the encoder, the decoders and the losses; only the encoder's output channels (twice the latent
+channels for `kl`: mean and log-variance) and the regulariser the generator loss adds differ.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -7,17 +14,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq_gan_3d.fsq import FiniteScalarQuantizer
+from vq_gan_3d.kl import GaussianLatent
 from vq_gan_3d.networks import Decoder, Encoder, MaskCompressor
 from vq_gan_3d.quantizer import EMAVectorQuantizer
 
+KINDS = ("ema_vq", "fsq", "kl")
+DEFAULT_EMBEDDING_DIM = 8
+DEFAULT_FSQ_LEVELS = (8, 5, 5, 5)
+
+
+def latent_kind(hparams: dict[str, Any]) -> str:
+    """The latent kind of stored VQ-GAN settings (settings written before the kinds existed: ema_vq)."""
+    return str(hparams.get("quantizer", "ema_vq"))
+
 
 class VQGAN(nn.Module):
-    """`encode(image) -> z` (continuous, before quantisation), `quantize(z) -> (z_q, info)`,
-    `decode(z, label=None) -> image` (quantises first; the SPADE decoder needs `label`),
-    `forward(image, label=None) -> (recon, info)` (the training path).
+    """`encode(image) -> z` (the continuous latent before quantisation, what stage 2 diffuses: the encoder output
+    for ema_vq, its bounded value for fsq, the posterior mean for kl), `quantize(z) -> (z_q, info)` (nearest code,
+    rounding, or the identity), `decode(z, label=None) -> image` (quantises first; the SPADE decoder needs `label`),
+    `forward(image, label=None) -> (recon, info)` (the training path: for kl a reparameterised sample). `info`
+    holds `regularizer` (weighted loss terms the generator loss adds: commitment for ema_vq, KL for kl, none for
+    fsq) and `stats` (detached scalars to log).
 
     Images are (B, 1, X, Y, Z) in [-1, 1]; labels are int class maps (B, 1, X, Y, Z) in [0, label_nc).
-    `hparams` holds everything needed to rebuild the network (it is stored in checkpoints).
+    `hparams` holds everything needed to rebuild the network (it is stored in checkpoints), the settings of the
+    chosen latent kind only: ema_vq `num_codes`, `ema_decay`, `commitment_weight`, `dead_code_threshold`,
+    `usage_window`; fsq `fsq_levels` (one per latent channel: `embedding_dim` is their number), `usage_window`;
+    kl `kl_weight`.
     """
 
     def __init__(
@@ -28,12 +52,16 @@ class VQGAN(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4),
         num_res_blocks: int | Sequence[int] = 1,
         downsample: Sequence[int] = (4, 4, 4),
-        embedding_dim: int = 8,
+        quantizer: str = "ema_vq",
+        embedding_dim: int | None = None,
         num_codes: int = 16384,
         norm_groups: int = 8,
         ema_decay: float = 0.99,
         commitment_weight: float = 0.25,
-        dead_code_threshold: float = 1.0,
+        dead_code_threshold: float = 0.03,
+        usage_window: int = 100,
+        fsq_levels: Sequence[int] = DEFAULT_FSQ_LEVELS,
+        kl_weight: float = 1e-6,
         label_nc: int | None = None,
         spade_hidden: int = 32,
         mask_compressor_channels: int = 0,
@@ -41,24 +69,40 @@ class VQGAN(nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        if quantizer not in KINDS:
+            raise ValueError(f"quantizer must be one of {list(KINDS)}, got {quantizer!r}")
+        if quantizer == "fsq":
+            fsq_levels = [int(level) for level in fsq_levels]
+            if embedding_dim is not None and embedding_dim != len(fsq_levels):
+                raise ValueError(f"fsq has one latent channel per level entry: embedding_dim {embedding_dim} "
+                                 f"!= {len(fsq_levels)} entries in fsq_levels {fsq_levels}")
+            embedding_dim = len(fsq_levels)
+            kind_settings = dict(fsq_levels=fsq_levels, usage_window=usage_window)
+            self.quantizer = FiniteScalarQuantizer(levels=fsq_levels, usage_window=usage_window)
+        elif quantizer == "kl":
+            embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
+            kind_settings = dict(kl_weight=kl_weight)
+            self.quantizer = GaussianLatent(embedding_dim=embedding_dim, kl_weight=kl_weight)
+        else:
+            embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
+            kind_settings = dict(num_codes=num_codes, ema_decay=ema_decay, commitment_weight=commitment_weight,
+                                 dead_code_threshold=dead_code_threshold, usage_window=usage_window)
+            self.quantizer = EMAVectorQuantizer(num_codes=num_codes, embedding_dim=embedding_dim, decay=ema_decay,
+                                                commitment_weight=commitment_weight,
+                                                dead_code_threshold=dead_code_threshold, usage_window=usage_window)
         self.hparams: dict[str, Any] = dict(
             in_channels=in_channels, base_channels=base_channels, channel_mult=[int(m) for m in channel_mult],
             num_res_blocks=num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
-            downsample=[int(f) for f in downsample], embedding_dim=embedding_dim, num_codes=num_codes,
-            norm_groups=norm_groups, ema_decay=ema_decay, commitment_weight=commitment_weight,
-            dead_code_threshold=dead_code_threshold, label_nc=label_nc, spade_hidden=spade_hidden,
+            downsample=[int(f) for f in downsample], quantizer=quantizer, embedding_dim=embedding_dim,
+            **kind_settings, norm_groups=norm_groups, label_nc=label_nc, spade_hidden=spade_hidden,
             mask_compressor_channels=mask_compressor_channels, mask_compressor_hidden=mask_compressor_hidden,
             gradient_checkpointing=gradient_checkpointing,
         )
         shape = dict(base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                     downsample=downsample, embedding_dim=embedding_dim, norm_groups=norm_groups,
-                     gradient_checkpointing=gradient_checkpointing)
+                     downsample=downsample, norm_groups=norm_groups, gradient_checkpointing=gradient_checkpointing)
         self.label_nc = label_nc
         self.downsample = tuple(int(f) for f in downsample)
-        self.encoder = Encoder(in_channels=in_channels, **shape)
-        self.quantizer = EMAVectorQuantizer(num_codes=num_codes, embedding_dim=embedding_dim, decay=ema_decay,
-                                            commitment_weight=commitment_weight,
-                                            dead_code_threshold=dead_code_threshold)
+        self.encoder = Encoder(in_channels=in_channels, embedding_dim=self.quantizer.encoder_channels, **shape)
         label_channels = None
         self.mask_compressor = None
         if label_nc is not None:
@@ -68,11 +112,16 @@ class VQGAN(nn.Module):
                                                       hidden_channels=mask_compressor_hidden)
                 label_channels = mask_compressor_channels
         self.decoder = Decoder(out_channels=in_channels, label_channels=label_channels, spade_hidden=spade_hidden,
-                               **shape)
+                               embedding_dim=embedding_dim, **shape)
 
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> "VQGAN":
         return cls(**hparams)
+
+    @property
+    def kind(self) -> str:
+        """The latent kind: ema_vq, fsq or kl."""
+        return latent_kind(self.hparams)
 
     @property
     def is_spade(self) -> bool:
@@ -93,10 +142,10 @@ class VQGAN(nn.Module):
         return self.mask_compressor(onehot) if self.mask_compressor is not None else onehot
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image)
+        return self.quantizer.latent(self.encoder(image))
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return self.quantizer(z)
+        return self.quantizer.quantize(z)
 
     def decode_quantized(self, z_q: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_spade:
@@ -110,5 +159,5 @@ class VQGAN(nn.Module):
         return self.decode_quantized(z_q, label)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        z_q, info = self.quantize(self.encode(image))
+        z_q, info = self.quantizer(self.encoder(image))
         return self.decode_quantized(z_q, label), info

@@ -113,7 +113,7 @@ def training_iteration(
     """
     mark = timer.mark if timer is not None else (lambda phase: None)
     recon, info = vqgan(image, label if vqgan.is_spade else None)
-    g_total, terms, passes = loss.generator_loss(image, recon, info["commitment_loss"], step, generator)
+    g_total, terms, passes = loss.generator_loss(image, recon, info["regularizer"], step, generator)
     mark("generator")
     logs = {f"train/{k}": v.detach() for k, v in terms.items()}
     disc_params = [p for d in loss.discriminators() for p in d.parameters()]
@@ -139,7 +139,6 @@ def training_iteration(
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
         mark("discriminator")
-    logs.update({"train/g_loss": g_total.detach(), "train/perplexity": info["perplexity"],
-                 "train/codebook_usage": info["usage"],
-                 "train/codes_restarted": torch.tensor(float(info["restarted"]))})
+    logs["train/g_loss"] = g_total.detach()
+    logs.update({f"train/{k}": v for k, v in info["stats"].items()})  # the latent kind's statistics
     return logs
