@@ -23,7 +23,7 @@ python -m ddpm.sample ckpt=runs/diffusion-demo/last.ckpt labels=runs/demo-eval/t
     out=runs/demo-eval/samples-train sampler=dpmpp_2m steps=25 overwrite=true
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
     split_file=runs/diffusion-demo/split.json "synthetic=[runs/demo-eval/samples,runs/demo-eval/samples-train]" \
-    train.steps=400 "augmentation.seeds=[0,1]"
+    "augmentation.seeds=[0,1]"
 # Are the synthetic scans copies of training scans? Nearest training volume by NCC and by segmenter features.
 python -m evaluation.memorization train=runs/demo-eval/train/images fake=runs/demo-eval/samples \
     out=runs/demo-eval/memorization overwrite=true features=segmenter \

@@ -7,11 +7,12 @@ rest of the volume from the label map, consistent with them.
 the last array axis of that grid as stored in the file (the third index of the NIfTI array, before any
 reorientation). It runs on the inpainting machinery (`ddpm.inpaint.inpaint_volume`): the region to regenerate
 is every voxel except the kept slices (no margin), and the latent voxels the kept slices touch are known: the
-real scan's latent is imposed there at every step (RePaint, `prior_resample` re-noisings per step: a few slices
-are little context, so it takes more than the inpainting CLI's default; 10, as in RePaint, removed the step next
-to the slices on the phantom test where 3 left one), so the rest of the volume is denoised next to it. The kept slices are the real scan's, bit for bit; their neighbours inside
-the same latent voxels are decoded from the real latent (the stage-1 reconstruction of the real scan), the rest
-is synthetic. Output values are in the prior image's units and dtype.
+real scan's latent is imposed there at every step, so the rest of the volume is denoised next to it (RePaint,
+`prior_resample` re-noisings per step; a few slices are little context, so it takes more than the inpainting
+CLI's default: on the phantom test 3 left a step next to the slices, 10, as in RePaint, did not). The kept slices
+are the real scan's, bit for bit; their neighbours inside the same latent voxels are decoded from the real latent
+(the stage-1 reconstruction of the real scan); the rest is synthetic. Output values are in the prior image's
+units and dtype.
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def adjacency_matrices(matrices: dict[str, np.ndarray], class_names: list[str], 
     second to the first."""
     (first, a), (second, b) = list(matrices.items())[:2]
     panels = [(first, a, "viridis"), (second, b, "viridis"), (f"{second} - {first}", b - a, "coolwarm")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"wspace": 0.5})
     top = max(float(a.max()), float(b.max()), 1e-12)
     spread = max(float(np.abs(b - a).max()), 1e-12)
     for ax, (name, matrix, cmap) in zip(axes, panels):

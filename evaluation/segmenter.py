@@ -98,6 +98,7 @@ class Settings:
     max_steps: int
     batch_size: int
     lr: float
+    lr_schedule: str
     class_crop_fraction: float
     crop_classes: list[int]
     dice_weight: float
@@ -119,6 +120,22 @@ def _class_indices(entries, names: list[str], key: str) -> list[int]:
             raise UserError(f"segmenter.train.{key}: {entry!r} is not a foreground class of dataset.class_names "
                             f"({', '.join(names[1:])})")
     return sorted(set(indices))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _schedule(name) -> str:
+    if str(name) not in LR_SCHEDULES:
+        raise UserError(f"segmenter.train.lr_schedule: use {' or '.join(LR_SCHEDULES)}, got {name!r}")
+    return str(name)
+
+
+def _lr_factor(settings: Settings):
+    """Multiplier of the learning rate at a step: constant, or a cosine from 1 down to 0 at max_steps."""
+    if settings.lr_schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, settings.max_steps) / settings.max_steps))
 
 
 def _number(value, key: str, kind, low, high=math.inf):
@@ -146,6 +163,7 @@ def settings_from(cfg) -> Settings:
         max_steps=_number(train.max_steps, "train.max_steps", int, 1),
         batch_size=_number(train.batch_size, "train.batch_size", int, 1),
         lr=_number(train.lr, "train.lr", float, 0.0),
+        lr_schedule=_schedule(train.lr_schedule),
         class_crop_fraction=_number(train.class_crop_fraction, "train.class_crop_fraction", float, 0.0, 1.0),
         crop_classes=(_class_indices(list(crop_classes), names, "crop_classes") if crop_classes is not None
                       else lesions or list(range(1, len(names)))),
@@ -217,7 +235,7 @@ def _score(per_class: Mapping[str, float], settings: Settings) -> float:
 def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: int, *,
                     synthetic: Sequence[Volume] = (), synthetic_per_real: float = 1.0,
                     device: torch.device | None = None) -> Segmenter:
-    """Adam on Dice + cross-entropy over random crops, validated every `every_n_steps` steps on `val` (per-class
+    """Adam (constant or cosine-decayed learning rate) on Dice + cross-entropy over random crops, validated every `every_n_steps` steps on `val` (per-class
     Dice of whole volumes); returns the state with the best validation score, stopping after `patience`
     validations without a better one."""
     if not train:
@@ -230,6 +248,7 @@ def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: i
     net = build_segmenter(settings.network).to(device)
     model = Segmenter(net, settings, device)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(settings))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=settings.dice_weight,
                          lambda_ce=settings.ce_weight)
     real_crops = CropSampler(train, settings, generator)
@@ -246,6 +265,7 @@ def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         model.steps = step
         if not val or (step % settings.every_n_steps and step != settings.max_steps):
             continue

@@ -4,9 +4,10 @@
 
 Each case's whole preprocessed volume (model grid, normalised, padded at the end of each axis to a multiple of the
 down-sampling factor with the background value) becomes `<out_dir>/<split>/<case_id>.npz` holding `latent`
-(float32, embedding_dim x X/fx x Y/fy x Z/fz, the continuous encoder output before quantisation, as
-`VQGAN.encode` gives it), `label` (the label map on the same padded grid) and `pads`. `<out_dir>/latents.json`
-records what produced them and each case's split. The cases are split as stage 1 was trained (the split stored in
+(float32, embedding_dim x X/fx x Y/fy x Z/fz, the continuous latent before quantisation, as `VQGAN.encode` gives
+it for the checkpoint's latent kind: the encoder output for ema_vq, its bounded value for fsq, the mean for kl),
+`label` (the label map on the same padded grid) and `pads`. `<out_dir>/latents.json` records what produced them
+(the latent kind too) and each case's split. The cases are split as stage 1 was trained (the split stored in
 its checkpoint), and a data set other than the checkpoint's is refused. The latent scale factor is not computed
 here: stage 2 fits it (`train.lit_diffusion`), the one definition of it.
 """
@@ -70,7 +71,8 @@ def encode_dataset(cfg: DictConfig) -> Path:
             written[case.case_id] = split
             print(f"{split}/{case.case_id}: latent {list(latent.shape)}", flush=True)
     record = {"checkpoint": ckpt.name, "dataset": str(cfg.dataset.name), "downsample": list(model.downsample),
-              "latent": "continuous encoder output before quantisation (VQGAN.encode)", "cases": written}
+              "latent": "continuous latent before quantisation (VQGAN.encode)", "stage1_kind": model.kind,
+              "cases": written}
     with atomic_path(out_dir / "latents.json", overwrite=bool(cfg.overwrite)) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     print(f"wrote {len(written)} latents and latents.json to {out_dir}", flush=True)
