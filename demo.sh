@@ -18,7 +18,7 @@ bash diffusion.sh experiment=demo "$@"
 bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmpp_2m sample:steps=25 \
     sample:preview=true evaluate:domain=percentile
 # Scans synthesised from the training label maps feed the augmentation arm of the segmentation experiment.
-python -m train.test_split run_dir=runs/diffusion-demo out=runs/demo-eval/train split=train overwrite=true
+python -m train.export_split run_dir=runs/diffusion-demo out=runs/demo-eval/train split=train overwrite=true
 python -m ddpm.sample ckpt=runs/diffusion-demo/last.ckpt labels=runs/demo-eval/train/labels \
     out=runs/demo-eval/samples-train sampler=dpmpp_2m steps=25 overwrite=true
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \

@@ -68,15 +68,15 @@ def compose_configs(config: str, overrides: list[str]):
 def build(config: str, device, overrides: list[str]):
     import torch
 
-    from ddpm.config import build_latent_diffusion
-    from vq_gan_3d.config import build_vqgan
+    from utils.build import build as build_node
 
     diffusion_cfg, vqgan_cfg = compose_configs(config, overrides)
     label_nc = 37 if config == "paper" else int(diffusion_cfg.dataset.label_nc)
-    timesteps = 500 if config == "paper" else int(diffusion_cfg.model.timesteps)
-    diffusion_cfg.model.timesteps = timesteps
+    timesteps = 500 if config == "paper" else int(diffusion_cfg.model.diffusion.timesteps)
+    diffusion_cfg.model.diffusion.timesteps = timesteps
     torch.manual_seed(0)
-    model = build_latent_diffusion(diffusion_cfg.model, build_vqgan(vqgan_cfg.model, label_nc), label_nc).to(device)
+    vqgan = build_node(vqgan_cfg.model.vqgan, "model.vqgan")
+    model = build_node(diffusion_cfg.model.diffusion, "model.diffusion", vqgan=vqgan, label_nc=label_nc).to(device)
     model.scale_factor.fill_(1.0)
     return model, diffusion_cfg, label_nc
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
 
     wanted = set(args.cases or [*TRAIN_CASES, "sample"])
-    overrides = args.override + ([f"model.unet.block={args.block}"] if args.block else [])
+    overrides = args.override + ([f"model.diffusion.unet.block={args.block}"] if args.block else [])
     common = {"config": args.config, "device": args.device, "overrides": overrides}
     specs = [{**common, "name": name, "kind": "train", "image": image, "batch": batch, "steps": args.steps}
              for name, (image, batch) in TRAIN_CASES.items() if name in wanted]

@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from dataset.crops import unpad
     from dataset.io import load_nifti
     from ddpm.checkpoint import load_diffusion
-    from ddpm.sample import output_seed, resolve_device
+    from ddpm.sample import output_seed
     from ddpm.samplers import SamplerSettings
     from ddpm.synthesis import Synthesizer
+    from utils.device import resolve_device
 
     if not args.ckpt.is_file():
         raise UserError(f"{args.ckpt}: checkpoint not found; train the demo first (bash demo.sh) or pass --ckpt")

@@ -94,7 +94,8 @@ def run_child(spec: dict) -> dict:
     from benchmarks.common import sync
     from ddpm.latent_diffusion import make_denoiser
     from ddpm.samplers import SamplerSettings, gaussian, run_sampler
-    from ddpm.windowed import decode_tiled, unet_window_denoiser
+    from ddpm.windowed import unet_window_denoiser
+    from layers.tiling import decode_tiled
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -154,8 +155,8 @@ def model_settings(config: str) -> tuple[list[int], list[int], int]:
     from benchmarks.bench_diffusion import compose_configs
 
     diffusion, vqgan = compose_configs(config, [])
-    factor = [int(f) for f in vqgan.model.downsample]
-    multiple = 2 ** (len(diffusion.model.unet.channel_mult) - 1)
+    factor = [int(f) for f in vqgan.model.vqgan.downsample]
+    multiple = 2 ** (len(diffusion.model.diffusion.unet.channel_mult) - 1)
     return [int(c) for c in diffusion.dataset.crop_size], factor, multiple
 
 

@@ -40,9 +40,10 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from benchmarks.common import sync  # noqa: E402
-from vq_gan_3d.config import build_loss, build_vqgan  # noqa: E402
+from layers.memory_format import to_channels_last_3d  # noqa: E402
+from utils.build import build  # noqa: E402
 from utils.paths import CONFIG_DIR  # noqa: E402
-from vq_gan_3d.training import StageTimer, to_channels_last_3d, training_iteration  # noqa: E402
+from vq_gan_3d.training import StageTimer, training_iteration  # noqa: E402
 
 # Published Med-LSDM VQ-GAN, paper model settings, 64x64x32 crop, batch 2, 2-core CPU (issue 4).
 BASELINE = {"crop": [64, 64, 32], "batch": 2, "iteration_s": 12.9, "generator_s": 8.3, "discriminator_s": 4.7,
@@ -56,7 +57,7 @@ def compose_config(name: str, overrides: list[str]):
 
     preset = PAPER_CONFIGS.get(name, ["experiment=demo"])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="vqgan", overrides=preset + ["model.gan_start_step=0", *overrides])
+        return compose(config_name="vqgan", overrides=preset + ["model.loss.gan_start_step=0", *overrides])
 
 
 class VGG16Features(nn.Module):
@@ -115,14 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    overrides = list(args.override) + ([f"model.quantizer={args.quantizer}"] if args.quantizer else [])
+    overrides = list(args.override) + ([f"model.vqgan.quantizer={args.quantizer}"] if args.quantizer else [])
     workdir = tempfile.TemporaryDirectory()
     if args.perceptual == "vgg16":
         path = Path(workdir.name) / "vgg16_features.pt"
         torch.jit.save(torch.jit.script(VGG16Features().eval()), str(path))
-        overrides += ["model.perceptual_backbone=torchscript", f"model.perceptual_path={path}"]
+        overrides += ["model.loss.perceptual_backbone=torchscript", f"model.loss.perceptual_path={path}"]
     elif args.perceptual == "none":
-        overrides += ["model.perceptual_weight=0"]
+        overrides += ["model.loss.perceptual_weight=0"]
     cfg = compose_config(args.config, overrides)
     paper = args.config in PAPER_CONFIGS
     crop = list(args.crop) if args.crop else (PAPER_CROP if paper else list(cfg.dataset.crop_size))
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     m = cfg.model
 
     torch.manual_seed(0)
-    vqgan = build_vqgan(m, int(cfg.dataset.label_nc)).to(device)
-    loss = build_loss(m).to(device)
+    vqgan = build(m.vqgan, "model.vqgan").to(device)
+    loss = build(m.loss, "model.loss").to(device)
     channels_last = bool(m.channels_last)
     if channels_last:
         to_channels_last_3d(vqgan)
@@ -190,11 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     g, d = median(g_times), median(d_times)
     voxels = batch * crop[0] * crop[1] * crop[2]
     result = {
-        "config": args.config, "quantizer": str(m.quantizer), "device": args.device,
+        "config": args.config, "quantizer": str(m.vqgan.quantizer), "device": args.device,
         "threads": torch.get_num_threads(), "crop": crop,
-        "batch": batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.perceptual_backbone),
-        "channels_last": channels_last, "gradient_checkpointing": bool(m.gradient_checkpointing),
-        "slices_per_volume": int(m.slices_per_volume), "compile": args.compile,
+        "batch": batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.loss.perceptual_backbone),
+        "channels_last": channels_last, "gradient_checkpointing": bool(m.vqgan.gradient_checkpointing),
+        "slices_per_volume": int(m.loss.slices_per_volume), "compile": args.compile,
         "autoencoder_params_m": params_m(vqgan), "disc_2d_params_m": params_m(loss.disc_2d),
         "disc_3d_params_m": params_m(loss.disc_3d), "perceptual_params_m": params_m(loss.perceptual),
 

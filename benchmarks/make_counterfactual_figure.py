@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> Path:
     from ddpm.checkpoint import load_diffusion
     from ddpm.inpaint import InpaintSettings, check_same_grid, inpaint_volume
     from ddpm.inpaint_figure import save_panels
-    from ddpm.sample import resolve_device
     from ddpm.synthesis import Synthesizer
     from utils.atomic import check_writable
+    from utils.device import resolve_device
 
     if not args.ckpt.is_file():
         raise UserError(f"{args.ckpt}: checkpoint not found; train the demo first (bash demo.sh) or pass --ckpt")

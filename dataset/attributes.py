@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from dataset.checks import class_names
+from dataset.validate import class_names
 from utils.errors import UserError
 
 CONNECTIVITY = 26

@@ -16,7 +16,7 @@ import torch
 import torchio as tio
 
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE
-from dataset.checks import check_augment
+from dataset.validate import check_augment
 
 LOG_GAMMA_RANGE = 0.3
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.case_checks import CaseStats, load_checked_case
 from dataset.geometry import GridInfo, to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.layout import Case, as_config, required
+from dataset.validate_case import CaseStats, load_checked_case
 from utils.errors import UserError
 from utils.paths import cache_dir
 

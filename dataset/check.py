@@ -7,8 +7,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from dataset.checks import validate_dataset
 from dataset.split import make_split, split_sizes
+from dataset.validate import validate_dataset
 from utils.errors import exit_on_user_error
 
 

@@ -6,6 +6,7 @@ Only train and val cases are ever preprocessed or loaded here; the test split is
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -16,14 +17,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from dataset import cache
 from dataset.augment import build_augmentation
-from dataset.checks import DatasetSummary, validate_dataset
 from dataset.crops import center_crop, sample_crop
 from dataset.intensity import build_normalizer, reference_params
 from dataset.layout import Case, as_config
 from dataset.split import select, split_for, write_split
+from dataset.validate import DatasetSummary, validate_dataset
+
+log = logging.getLogger(__name__)
 
 
 class CropDataset(Dataset):
@@ -78,10 +82,20 @@ class VolumeDataModule(pl.LightningDataModule):
 
     def _preprocess(self, cases: Sequence[Case]) -> None:
         missing = [c for c in cases if c.case_id not in self._entries and cache.cached_stats(c, self.cfg) is None]
-        workers = min(int(self.cfg.num_workers), len(missing))
-        if workers > 1:  # first use of a large data set: decode in parallel (spawned: safe after CUDA init)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(pool.map(cache.ensure_cached, missing, [self.cfg] * len(missing)))
+        if missing:  # first use: minutes on a large data set, so say so and show a bar
+            log.info("preprocessing %d of %d case(s) onto the model grid (once; later runs read the cache)",
+                     len(missing), len(cases))
+            workers = min(int(self.cfg.num_workers), len(missing))
+            with tqdm(total=len(missing), desc="preprocessing", unit="case", disable=None) as bar:  # on a terminal
+                if workers > 1:  # decode in parallel (spawned: safe after CUDA init)
+                    context = multiprocessing.get_context("spawn")
+                    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                        for _ in pool.map(cache.ensure_cached, missing, [self.cfg] * len(missing)):
+                            bar.update()
+                else:
+                    for case in missing:
+                        cache.ensure_cached(case, self.cfg)
+                        bar.update()
         for case in cases:
             if case.case_id not in self._entries:
                 cache.load_preprocessed(case, self.cfg)

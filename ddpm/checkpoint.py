@@ -3,10 +3,11 @@
 Written by `train.lit_diffusion` (a Lightning checkpoint plus these keys):
 - `"stage": "diffusion"`;
 - `"diffusion"`: `{"model": LatentDiffusion.hparams, "vqgan": VQGAN.hparams, "stage1_kind": "ema_vq"|"fsq"|"kl",
-  "dataset": {...}, "intensity_reference": {...}}`: network and schedule settings, the stage-1 latent kind the
-  diffusion was trained on (it must agree with the stored stage-1 settings), the data set's grid and intensity settings
-  (spacing, normalisation, label classes, modality) and the training-set reference intensity params that map
-  generated volumes back to native units;
+  "dataset": {...}, "intensity_reference": {...}}`: network and schedule settings (the `model.diffusion` and
+  stage-1 `model.vqgan` config nodes, `_target_` included; files without targets still load), the stage-1 latent
+  kind the diffusion was trained on (it must agree with the stored stage-1 settings), the data set's grid and
+  intensity settings (spacing, normalisation, label classes, modality) and the training-set reference intensity
+  params that map generated volumes back to native units;
 - `"state_dict"`: `model.*` weights (VQ-GAN, UNet, EMA UNet, latent `scale_factor`).
 """
 from __future__ import annotations
@@ -56,8 +57,8 @@ def load_diffusion(path: str | os.PathLike, map_location: str | torch.device = "
     if recorded is not None and recorded != stored:  # checkpoints written before the kinds record none
         raise UserError(f"{path}: stage 2 was trained on a {recorded!r} stage-1 latent, but the stored stage-1 "
                         f"settings are of kind {stored!r}")
-    model = rebuild(path, STAGE,
-                    lambda: LatentDiffusion.from_hparams(meta["model"], VQGAN.from_hparams(meta["vqgan"])))
+    vqgan = rebuild(path, STAGE, meta["vqgan"], [VQGAN])
+    model = rebuild(path, STAGE, meta["model"], [LatentDiffusion], vqgan=vqgan)
     load_weights(model, checkpoint["state_dict"], STATE_PREFIX, path, "model")
     if not model.has_scale_factor:
         raise UserError(f"{path}: the latent scale factor was never computed (saved before training started)")

@@ -5,7 +5,7 @@ which is smaller by the stage-1 `downsample` factor per axis. One extra class in
 condition of classifier-free guidance: a label map filled with it means "no label", and the network learns what
 to do with it because training replaces labels by it at rate `cond_drop_prob`.
 
-- `spade` decoder: `MaskCompressor` turns the label map into `mask_channels` dense channels on the latent grid.
+- `spade` decoder: `LatentMaskCompressor` turns the label map into `mask_channels` dense channels on the latent grid.
   Its first layer is a convolution over the one-hot map with kernel = stride, computed as embedding look-ups
   (the one-hot map of 37 classes at image resolution is never built).
 - `normal` decoder: `onehot_on_grid` gives the fraction of each class inside every latent voxel (an area resize
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq_gan_3d.blocks import per_level_strides
+from layers.strides import per_level_strides
+
 
 
 def null_label_like(label: torch.Tensor, label_nc: int) -> torch.Tensor:
@@ -93,7 +94,7 @@ class PatchEmbedding(nn.Module):
         return out.reshape(b, x // px, y // py, z // pz, -1).movedim(-1, 1).contiguous()
 
 
-class MaskCompressor(nn.Module):
+class LatentMaskCompressor(nn.Module):
     """Label map on the image grid -> `out_channels` features on the latent grid (downsampled by `downsample`):
     a patch embedding for the first halving, strided 3x3x3 convolutions for the others, then a 3x3x3 output conv."""
 

@@ -39,10 +39,12 @@ from ddpm.checkpoint import file_sha256, load_diffusion
 from ddpm.inpaint_figure import save_inpaint_png
 from ddpm.repaint import REPAINT_SAMPLERS, repaint
 from ddpm.samplers import partial_grid
-from ddpm.sample import resolve_device, versions
+from ddpm.sample import versions
 from ddpm.synthesis import Synthesizer
-from ddpm.windowed import encode_tiled, parse_window, unet_window_denoiser
+from ddpm.windowed import parse_window, unet_window_denoiser
+from layers.tiling import encode_tiled
 from utils.atomic import atomic_path, check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 
 AFFINE_TOLERANCE_MM = 1e-3

@@ -14,7 +14,7 @@ Image-space augmentations (`dataset.augment`: flips, affine resampling, gamma) c
 (the encoder is not equivariant to them): when any is on, stage 2 keeps the on-the-fly path that encodes each
 augmented crop. Validation always encodes its centre crops on the fly (a few volumes per validation).
 
-Volumes are encoded in tiles of the training crop blended as at sampling time (`ddpm.windowed.encode_tiled`,
+Volumes are encoded in tiles of the training crop blended as at sampling time (`layers.tiling.encode_tiled`,
 overlap 0.25), so the cached latent is exactly the latent `init_image` and inpainting start from. The encoder
 normalises with GroupNorm statistics over its input and sees a few voxels past each side, so a latent crop that
 straddles tiles is close to, not equal to, the encoding of the matching image crop (tests/test_latent_cache.py
@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from dataset import cache
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE
 from dataset.layout import as_config
-from ddpm.windowed import encode_tiled
+from layers.tiling import encode_tiled
 from utils.paths import cache_dir
 
 log = logging.getLogger(__name__)

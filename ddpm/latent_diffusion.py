@@ -19,6 +19,7 @@ from ddpm.conditioning import Condition, drop_labels
 from ddpm.samplers import SamplerSettings, StepCallback, gaussian, guided, run_sampler
 from ddpm.schedule import DiffusionSchedule
 from ddpm.unet import UNet3D
+from utils.build import configurable
 from vq_gan_3d.model import VQGAN
 
 LOSSES = ("l1", "l2")
@@ -83,7 +84,13 @@ def sample(unet: UNet3D, schedule: DiffusionSchedule, label: torch.Tensor, laten
     return run_sampler(settings, denoise, noise, schedule, generator=generator, callback=callback)
 
 
+@configurable(exclude=("vqgan",))
 class LatentDiffusion(nn.Module):
+    """Built from `model.diffusion` (`utils.build.build`, with the trained `vqgan` and the data set's `label_nc`):
+    `unet` holds the `UNet3D` arguments other than those the VQ-GAN and the data set fix (`in_channels`,
+    `label_nc`, `label_downsample`). `hparams` (`utils.build.configurable`) is that node and `label_nc`, without
+    the VQ-GAN, which checkpoints store next to `vqgan.hparams`."""
+
     def __init__(self, *, vqgan: VQGAN, label_nc: int, unet: dict[str, Any], timesteps: int, beta_schedule: str,
                  prediction: str, loss: str, cond_drop_prob: float, ema_decay: float):
         super().__init__()
@@ -97,7 +104,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"the stage-1 SPADE decoder knows {vqgan.label_nc} classes, the data set has {label_nc}")
         self.vqgan = vqgan.eval().requires_grad_(False)
         self.label_nc = label_nc
-        self.unet = UNet3D(in_channels=vqgan.hparams["embedding_dim"], label_nc=label_nc,
+        self.unet = UNet3D(in_channels=vqgan.embedding_dim, label_nc=label_nc,
                            label_downsample=vqgan.downsample, **unet)
         self.ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.schedule = DiffusionSchedule(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction)
@@ -105,14 +112,6 @@ class LatentDiffusion(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.ema_decay = ema_decay
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
-        unet_hparams = {k: v for k, v in self.unet.hparams.items()
-                        if k not in ("in_channels", "label_nc", "label_downsample")}
-        self.hparams = dict(label_nc=label_nc, unet=unet_hparams, **self.schedule.hparams(), loss=loss,
-                            cond_drop_prob=cond_drop_prob, ema_decay=ema_decay)
-
-    @classmethod
-    def from_hparams(cls, hparams: dict[str, Any], vqgan: VQGAN) -> "LatentDiffusion":
-        return cls(vqgan=vqgan, **hparams)
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """Only the UNet ever trains: the VQ-GAN (its codebook updates in training mode) and the EMA copy stay

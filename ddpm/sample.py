@@ -45,6 +45,7 @@ from ddpm.samplers import SamplerSettings, partial_grid
 from ddpm.synthesis import GIB, PreparedLabel, Synthesizer
 from ddpm.windowed import parse_window
 from utils.atomic import atomic_path, check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 
 PROGRESS_SNAPSHOTS = 6
@@ -53,25 +54,6 @@ PROGRESS_SNAPSHOTS = 6
 def output_seed(seed: int, index: int) -> int:
     """Independent seed of output `index` (streams of different seeds and indices never overlap)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`: the GPU when there is one (with several tasks on a node, the task's own: SLURM_LOCALID or
-    LOCAL_RANK modulo the GPUs it sees), else the CPU; anything else as given."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        local = os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK"))
-        if local is None:
-            return torch.device("cuda")
-        return torch.device("cuda", int(local) % max(1, torch.cuda.device_count()))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name}: no CUDA GPU is available here")
-    return device
 
 
 def find_label_files(labels: str) -> list[Path]:

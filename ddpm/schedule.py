@@ -65,9 +65,6 @@ class DiffusionSchedule(nn.Module):
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
         self.register_buffer("alpha_bar_prev", alpha_bar_prev, persistent=False)
 
-    def hparams(self) -> dict:
-        return {"timesteps": self.timesteps, "beta_schedule": self.beta_schedule, "prediction": self.prediction}
-
     def alpha_bar_at(self, t: torch.Tensor | int) -> torch.Tensor:
         """alpha_bar[t] as float64, with alpha_bar[-1] := 1."""
         t = torch.as_tensor(t, device=self.alpha_bar.device).long()

@@ -28,7 +28,8 @@ from dataset.geometry import GridInfo, from_model_grid, to_model_grid
 from dataset.intensity import build_normalizer
 from ddpm.latent_diffusion import LatentDiffusion
 from ddpm.samplers import SamplerSettings, StepCallback, gaussian, partial_start, run_sampler
-from ddpm.windowed import TileGrid, checkpoint_window, decode_tiled, encode_tiled, unet_window_denoiser
+from ddpm.windowed import checkpoint_window, unet_window_denoiser
+from layers.tiling import TileGrid, decode_tiled, encode_tiled
 from utils.errors import UserError
 
 AFFINE_TOLERANCE_MM = 1e-3

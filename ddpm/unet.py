@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.conditioning import Condition, MaskCompressor, level_pyramid, onehot_on_grid
-from vq_gan_3d.blocks import group_norm
-from vq_gan_3d.spade import SPADE
+from ddpm.conditioning import Condition, LatentMaskCompressor, level_pyramid, onehot_on_grid
+from layers.norm import SPADE, group_norm
+from utils.build import configurable
 
 DECODERS = ("spade", "normal")
 BLOCKS = ("default", "resnet")
@@ -107,7 +107,7 @@ class LabelNorm(nn.Module):
         return torch.addcmul(shift, self.spade.norm(x), scale)
 
 
-class ResBlock(nn.Module):
+class ConvNeXtBlock(nn.Module):
     """x + mlp(modulate(norm(spatial(x)), t)); when the width changes (decoder blocks fed a skip connection),
     x is first projected to the output width, so the block itself always runs at `out_channels`. `norms` hands
     out the SPADE cache index of each label-aware norm."""
@@ -189,6 +189,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+@configurable()
 class UNet3D(nn.Module):
     """`forward(x_t, t, condition) -> prediction` with x_t (B, in_channels, X, Y, Z) on the latent grid (each side
     divisible by `required_multiple`), t (B,) timesteps, and a `Condition` from `condition(label)`, where `label`
@@ -214,15 +215,6 @@ class UNet3D(nn.Module):
         n_levels = len(channel_mult)
         if any(not 0 <= level < n_levels for level in attention_levels):
             raise ValueError(f"attention_levels must index the {n_levels} levels, got {list(attention_levels)}")
-        self.hparams = dict(
-            in_channels=in_channels, label_nc=label_nc, decoder=decoder, block=block, resnet_kernel=resnet_kernel,
-            base_channels=base_channels,
-            channel_mult=[int(m) for m in channel_mult], num_res_blocks=num_res_blocks,
-            attention_levels=[int(a) for a in attention_levels], head_channels=head_channels,
-            group_width=group_width, expansion=expansion, norm_groups=norm_groups, dropout=dropout,
-            mask_channels=mask_channels, mask_hidden_channels=mask_hidden_channels,
-            spade_hidden_channels=spade_hidden_channels, spade_kernel_size=spade_kernel_size,
-            label_downsample=[int(f) for f in label_downsample], gradient_checkpointing=gradient_checkpointing)
         self.label_nc = label_nc
         self.decoder = decoder
         self.n_levels = n_levels
@@ -235,7 +227,7 @@ class UNet3D(nn.Module):
 
         n_classes = label_nc + 1  # + the null condition
         if decoder == "spade":
-            self.mask_compressor = MaskCompressor(num_classes=n_classes, out_channels=mask_channels,
+            self.mask_compressor = LatentMaskCompressor(num_classes=n_classes, out_channels=mask_channels,
                                                   hidden_channels=mask_hidden_channels, downsample=label_downsample)
             spade = dict(label_channels=mask_channels, hidden_channels=spade_hidden_channels,
                          kernel_size=spade_kernel_size)
@@ -251,8 +243,8 @@ class UNet3D(nn.Module):
             if block == "resnet":
                 return ConvResBlock(in_channels=in_ch, out_channels=out_ch, kernel_size=resnet_kernel,
                                     spade=spade_settings, **common)
-            return ResBlock(in_channels=in_ch, out_channels=out_ch, group_width=group_width, expansion=expansion,
-                            spade=spade_settings, **common)
+            return ConvNeXtBlock(in_channels=in_ch, out_channels=out_ch, group_width=group_width,
+                                 expansion=expansion, spade=spade_settings, **common)
 
         attention = dict(head_channels=head_channels, norm_groups=norm_groups)
 

@@ -26,6 +26,7 @@ Writes `augmentation.json`, `augmentation.csv` and `augmentation.png` (lesion Di
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import zlib
 from collections.abc import Sequence
@@ -40,12 +41,11 @@ from tqdm import tqdm
 
 from dataset.attributes import lesion_classes
 from dataset.cache import load_preprocessed
-from dataset.checks import class_names, validate_dataset
 from dataset.edit_labels import EditOptions, as_label_array, edit_label_file, edit_label_map
 from dataset.geometry import to_model_grid
 from dataset.io import load_nifti
+from dataset.validate import class_names, validate_dataset
 from evaluation import figures
-from evaluation.features import resolve_device
 from evaluation.metrics import mean_dice
 from evaluation.pairing import SYNTHETIC_STEM, list_nifti, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
@@ -53,7 +53,10 @@ from evaluation.segmentation import load_split
 from evaluation.segmenter import Volume, evaluate_dice, preprocess_synthetic, train_segmenter
 from evaluation.stats import paired_bootstrap
 from utils.atomic import check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 ARMS = ("real", "real+syn", "real+edited", "real+generated")
 REFERENCE = "real"
@@ -132,7 +135,7 @@ def training_pool(scans: list[SyntheticScan], split: dict[str, list[str]], what:
     kept = [s for s in scans if s.source is None or s.source in train]
     left_out = sorted(s.name for s in scans if s not in kept)
     if left_out:
-        print(f"{what}: {len(left_out)} scan(s) of non-training cases left out ({', '.join(left_out[:3])})")
+        log.info("%s: %d scan(s) of non-training cases left out (%s)", what, len(left_out), ", ".join(left_out[:3]))
     return kept
 
 
@@ -248,7 +251,7 @@ def make_edited_maps(cfg: DictConfig) -> dict:
     not_train = [stem for stem in maps if stem not in set(split["train"])]
     if not_train:
         raise UserError(f"{edit_cfg.labels}: {', '.join(not_train[:3])} not training case(s) of the split; only "
-                        "training label maps are edited (python -m train.test_split split=train)")
+                        "training label maps are edited (python -m train.export_split split=train)")
     out = Path(edit_cfg.out)
     planned = {(stem, j): out / f"{stem}_edit{j}.nii.gz" for stem in maps for j in range(int(edit_cfg.per_map))}
     for path in [*planned.values(), out / "edits.json"]:

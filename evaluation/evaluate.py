@@ -20,11 +20,11 @@ from dataset.intensity import CTWindowNormalizer, PercentileNormalizer, build_no
 from ddpm.checkpoint import load_diffusion
 from evaluation import figures, metrics
 from evaluation.distribution import FEATURE_METRICS, FeatureBank
-from evaluation.features import resolve_device
 from evaluation.pairing import Pairing, pair_folders
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.volumes import load_label, load_volume, robust_window
 from utils.atomic import check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 
 PAIRED_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae")

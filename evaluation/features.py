@@ -29,12 +29,6 @@ class WeightsUnavailable(Exception):
     """The weights of a feature network cannot be used; the message says why and what to provide."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_torchscript(path: Path, what: str, device: torch.device) -> torch.jit.ScriptModule:
     if not path.is_file():
         raise WeightsUnavailable(f"{what} weights not found at {path}")

@@ -39,9 +39,9 @@ from scipy import ndimage, stats
 from tqdm import tqdm
 
 from dataset.attributes import body_box, components, lesion_classes, measure, read_requested_csv
-from dataset.checks import class_names as dataset_class_names
 from dataset.geometry import to_model_grid, voxel_spacing
 from dataset.io import load_nifti
+from dataset.validate import class_names as dataset_class_names
 from evaluation import figures
 from evaluation.memorization import leave_one_out, nearest
 from evaluation.metrics import dice_per_class, mean_dice

@@ -22,11 +22,12 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from evaluation import figures
-from evaluation.features import MedicalNetFeatures, SegmenterFeatures, WeightsUnavailable, resolve_device
+from evaluation.features import MedicalNetFeatures, SegmenterFeatures, WeightsUnavailable
 from evaluation.pairing import list_nifti, refuse_same_data, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.volumes import load_volume
 from utils.atomic import check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 
 TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name", "data_type")

@@ -9,6 +9,7 @@ intervals over test cases. The test split never trains anything and never select
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,9 +20,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dataset.cache import load_preprocessed
-from dataset.checks import validate_dataset
 from dataset.split import make_split, read_split, select
-from evaluation.features import resolve_device
+from dataset.validate import validate_dataset
 from evaluation.pairing import list_nifti, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.stats import paired_bootstrap
@@ -34,7 +34,10 @@ from evaluation.segmenter import (
     train_segmenter,
 )
 from utils.atomic import check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 
 def load_split(cfg, cases) -> dict[str, list[str]]:
@@ -126,8 +129,8 @@ def run(cfg: DictConfig) -> dict:
                                synthetic_per_real=float(cfg.augmentation.synthetic_per_real), device=device)
 
     rows = []
-    print(f"training the segmenter on {len(real['train'])} real cases, validating on {len(real['val'])} "
-          f"(at most {cfg.segmenter.train.max_steps} steps)")
+    log.info("training the segmenter on %d real cases, validating on %d (at most %s steps)", len(real["train"]),
+             len(real["val"]), cfg.segmenter.train.max_steps)
     model = train("real", int(cfg.seed))
     save_segmenter(model, outputs["segmenter.pt"], dataset_cfg=cfg.dataset, overwrite=cfg.overwrite,
                    train_cases=split["train"])

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from omegaconf import OmegaConf
 
 from dataset.attributes import lesion_classes
-from dataset.checks import class_names as dataset_class_names
-from dataset.crops import sample_crop
+from dataset.crops import IMAGE_PAD_VALUE, pad_to_at_least, sample_crop, unpad
 from dataset.geometry import to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import load_nifti
+from dataset.validate import class_names as dataset_class_names
 from evaluation.features import SEGMENTER_KIND, build_segmenter
 from evaluation.metrics import dice_per_class
+from layers.tiling import tiled_apply
 from utils.atomic import atomic_path
 from utils.errors import UserError
 
@@ -288,13 +288,14 @@ def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: i
 
 @torch.no_grad()
 def predict(model: Segmenter, image: np.ndarray) -> np.ndarray:
-    """Label map (int64) of an image on the model grid: sliding windows of the training crop size."""
+    """Label map (int64) of an image on the model grid: overlapping windows of the training crop size, their
+    logits blended as every tiled network call is (`layers.tiling`)."""
     model.net.eval()
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(model.device)
-    logits = sliding_window_inference(x, roi_size=list(model.settings.crop_size), sw_batch_size=4,
-                                      predictor=model.net, overlap=model.settings.overlap, mode="gaussian",
-                                      padding_mode="constant", cval=-1.0)
-    return logits.argmax(dim=1)[0].cpu().numpy()
+    crop = list(model.settings.crop_size)
+    padded, pads = pad_to_at_least(np.asarray(image, dtype=np.float32), crop, IMAGE_PAD_VALUE)
+    x = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+    logits = tiled_apply(model.net, x, window=crop, overlap=model.settings.overlap, device=model.device)
+    return unpad(logits.argmax(dim=1)[0], pads).cpu().numpy()
 
 
 def evaluate_dice(model: Segmenter, cases: Sequence[Volume]) -> dict[str, dict[str, float]]:

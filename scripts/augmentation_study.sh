@@ -22,8 +22,8 @@ fi
 sample=(sampler=dpmpp_2m steps=25 overwrite=true)
 
 # label maps of the run's own split (links): the test cases never train anything
-"$python" -m train.test_split "run_dir=$run_dir" "out=$out/train" split=train overwrite=true
-"$python" -m train.test_split "run_dir=$run_dir" "out=$out/test" split=test overwrite=true
+"$python" -m train.export_split "run_dir=$run_dir" "out=$out/train" split=train overwrite=true
+"$python" -m train.export_split "run_dir=$run_dir" "out=$out/test" split=test overwrite=true
 # edited copies of the training label maps only (<case>_edit<j>.nii.gz, edits.json)
 "$python" -m evaluation.augmentation action=edit_maps dataset=demo "split_file=$split" \
     "edit.labels=$out/train/labels" "edit.out=$out/edited-labels" overwrite=true

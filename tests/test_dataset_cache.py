@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dataset import cache, checks
+from dataset import cache, validate
 from dataset.geometry import from_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import load_nifti
@@ -73,9 +73,9 @@ def test_cache_is_reused_while_files_are_unchanged_and_refreshed_when_they_chang
 
     with monkeypatch.context() as patch:
         patch.setattr(cache, "preprocess_case", no_preprocessing)
-        patch.setattr(checks, "load_checked_case", no_preprocessing)
+        patch.setattr(validate, "load_checked_case", no_preprocessing)
         cache.load_preprocessed(case, cfg)  # reused
-        checks.check_case(case, cfg)  # stats of the unchanged, already checked pair
+        validate.check_case(case, cfg)  # stats of the unchanged, already checked pair
     stat = case.image_path.stat()
     os.utime(case.image_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     case = find_cases(cfg)[0]
@@ -95,7 +95,7 @@ def test_cache_inside_the_data_folder_is_refused(ct_data, edit_cfg):
     root, cfg = ct_data
     inside = edit_cfg(cfg, {"cache_dir": str(root / "cache")})
     with pytest.raises(UserError, match="must not be inside the data folder"):
-        checks.validate_dataset(inside)
+        validate.validate_dataset(inside)
     with pytest.raises(UserError, match="must not live inside the data folder"):
         cache.load_preprocessed(find_cases(inside)[0], inside)
     assert not (root / "cache").exists() or not any((root / "cache").rglob("*.npy"))

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dataset.checks import validate_dataset
 from dataset.phantoms import phantom_affine, write_phantom_dataset
+from dataset.validate import validate_dataset
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

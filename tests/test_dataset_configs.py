@@ -2,9 +2,9 @@
 Only the data folder and things that merely make the test small (crop size, workers) are overridden."""
 import pytest
 
-from dataset.checks import validate_dataset
 from dataset.datamodule import VolumeDataModule
 from dataset.phantoms import write_phantom_dataset
+from dataset.validate import validate_dataset
 
 LAYOUTS = {
     # AutoPET: nnU-Net layout, CT = _0000 and PET = _0001, two studies of one patient (same hash, other date)

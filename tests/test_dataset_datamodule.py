@@ -42,7 +42,7 @@ def test_split_is_written_and_the_test_split_is_never_loaded(phantom_module, pha
     assert not any(cache.entry_folder(c, phantom_cfg).exists() for c in phantom_module.test_cases())
     assert {name: [c.case_id for c in cases] for name, cases in split_cases(phantom_cfg).items()} == split
     reads = []
-    monkeypatch.setattr("dataset.case_checks.load_nifti", lambda path: reads.append(path))
+    monkeypatch.setattr("dataset.validate_case.load_nifti", lambda path: reads.append(path))
     ids = {c for loader in (phantom_module.train_dataloader(), phantom_module.val_dataloader())
            for b in loader for c in b["case_id"]}
     assert reads == [] and not ids & set(split["test"])

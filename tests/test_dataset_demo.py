@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dataset.checks import validate_dataset
 from dataset.demo import (
     HOSTS,
     LESION,
@@ -25,6 +24,7 @@ from dataset.demo import (
 )
 from dataset.demo import main as demo_main
 from dataset.io import load_nifti
+from dataset.validate import validate_dataset
 from utils.errors import UserError
 
 

@@ -8,9 +8,10 @@ from ddpm_tiny import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["model.unet.base_channels=8", "model.unet.head_channels=8", "model.unet.group_width=4",
-        "model.unet.norm_groups=4", "model.unet.mask_channels=4", "model.unet.mask_hidden_channels=4",
-        "model.unet.spade_hidden_channels=4"]
+TINY = ["model.diffusion.unet.base_channels=8", "model.diffusion.unet.head_channels=8",
+        "model.diffusion.unet.group_width=4", "model.diffusion.unet.norm_groups=4",
+        "model.diffusion.unet.mask_channels=4", "model.diffusion.unet.mask_hidden_channels=4",
+        "model.diffusion.unet.spade_hidden_channels=4"]
 
 
 def test_training_and_sampling_cases_report_times_memory_and_ratios():

@@ -117,19 +117,19 @@ def test_bad_settings_are_refused():
 
 def test_the_config_refuses_eps_on_the_cosine_schedule_in_one_line():
     """At model construction from `config/model/diffusion.yaml`: its defaults (cosine, v) build, eps does not."""
-    from ddpm.config import build_latent_diffusion
     from ddpm_tiny import TINY_UNET, tiny_vqgan
+    from utils.build import build
     from utils.errors import UserError
     from utils.paths import CONFIG_DIR
 
-    model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "diffusion.yaml")
-    assert (model_cfg.beta_schedule, model_cfg.prediction) == ("cosine", "v")
-    model_cfg.unet = OmegaConf.merge(model_cfg.unet, {k: v for k, v in TINY_UNET.items() if k != "decoder"})
+    node = OmegaConf.load(CONFIG_DIR / "model" / "diffusion.yaml").diffusion
+    assert (node.beta_schedule, node.prediction) == ("cosine", "v")
+    node.unet = OmegaConf.merge(node.unet, {k: v for k, v in TINY_UNET.items() if k != "decoder"})
     vqgan = tiny_vqgan()
-    assert build_latent_diffusion(model_cfg, vqgan, 3).schedule.prediction == "v"
-    model_cfg.prediction = "eps"
-    with pytest.raises(UserError, match="^model: prediction=eps with beta_schedule=cosine") as err:
-        build_latent_diffusion(model_cfg, vqgan, 3)
+    assert build(node, "model.diffusion", vqgan=vqgan, label_nc=3).schedule.prediction == "v"
+    node.prediction = "eps"
+    with pytest.raises(UserError, match="^model.diffusion: prediction=eps with beta_schedule=cosine") as err:
+        build(node, "model.diffusion", vqgan=vqgan, label_nc=3)
     assert "\n" not in str(err.value)
-    model_cfg.beta_schedule = "linear"
-    assert build_latent_diffusion(model_cfg, vqgan, 3).schedule.beta_schedule == "linear"
+    node.beta_schedule = "linear"
+    assert build(node, "model.diffusion", vqgan=vqgan, label_nc=3).schedule.beta_schedule == "linear"

@@ -17,15 +17,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusion_cfg(compose_cfg, phantom_root, run_dir, vqgan_ckpt, max_steps: int, extra=()):
-    unet = [f"model.unet.{k}={list(v) if isinstance(v, list) else v}".replace(" ", "")
+    unet = [f"model.diffusion.unet.{k}={list(v) if isinstance(v, list) else v}".replace(" ", "")
             for k, v in TINY_UNET.items() if k != "decoder"]
     return compose_cfg("diffusion", [
         "dataset=nifti", f"dataset.root_dir={phantom_root}", "dataset.label_nc=3", "dataset.modality=mr",
         "dataset/intensity=percentile", "dataset.spacing=[1.0,1.0,2.0]", "dataset.crop_size=[16,16,8]",
         "dataset.num_workers=0", "dataset.name=phantom", "trainer=cpu", "logger=csv",
         f"trainer.max_steps={max_steps}", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-        "+trainer.enable_progress_bar=false", f"train.run_dir={run_dir}", "train.ckpt_every_n_steps=2",
-        f"model.vqgan_ckpt={vqgan_ckpt}", *unet, "model.timesteps=50", "model.scale_factor_batches=2",
+        "trainer.enable_progress_bar=false", f"train.run_dir={run_dir}", "train.ckpt_every_n_steps=2",
+        f"model.vqgan_ckpt={vqgan_ckpt}", *unet, "model.diffusion.timesteps=50", "model.scale_factor_batches=2",
         "model.validation.steps=2", "model.validation.n_volumes=1", "model.lr=1e-3", *extra])
 
 
@@ -89,7 +89,7 @@ def test_bad_settings_and_checkpoints_are_user_errors(compose_cfg, phantom_root,
     with pytest.raises(UserError, match="crop_size"):
         build("dataset.crop_size=[16,16,6]")
     with pytest.raises(UserError, match="model: .*prediction"):
-        build("model.prediction=score")
+        build("model.diffusion.prediction=score")
     with pytest.raises(UserError, match="model.validation"):
         build("model.validation.sampler=euler")
     with pytest.raises(UserError, match="model.validation.steps"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm.conditioning import MaskCompressor, PatchEmbedding, drop_labels, onehot_on_grid
+from ddpm.conditioning import LatentMaskCompressor, PatchEmbedding, drop_labels, onehot_on_grid
 from ddpm.unet import UNet3D
 from ddpm_tiny import one_thread  # noqa: F401
 
@@ -48,7 +48,7 @@ def test_onehot_on_grid_is_the_area_average_of_the_one_hot_map():
 
 
 def test_mask_compressor_reaches_the_latent_grid():
-    compressor = MaskCompressor(num_classes=5, out_channels=6, hidden_channels=4, downsample=(4, 4, 2))
+    compressor = LatentMaskCompressor(num_classes=5, out_channels=6, hidden_channels=4, downsample=(4, 4, 2))
     assert compressor(labels(0, shape=(16, 8, 8), nc=5)).shape == (2, 6, 4, 2, 4)
 
 

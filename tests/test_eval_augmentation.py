@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import evaluation.augmentation as augmentation
-from dataset.checks import validate_dataset
 from dataset.io import load_nifti, save_nifti
 from dataset.phantoms import class_intensity, write_phantom_dataset
 from dataset.split import make_split
+from dataset.validate import validate_dataset
 from evaluation.augmentation import (
     SyntheticScan,
     check_training_set,

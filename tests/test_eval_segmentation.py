@@ -16,7 +16,7 @@ import evaluation.segmentation as segmentation
 from dataset.io import load_nifti, save_nifti
 from dataset.phantoms import write_phantom_dataset
 from dataset.split import make_split
-from dataset.checks import validate_dataset
+from dataset.validate import validate_dataset
 from evaluation.evaluate import run as run_evaluate
 from evaluation.segmenter import (
     CropSampler,
@@ -46,7 +46,7 @@ def _cfg(overrides=()):
         return compose("segmentation", overrides=[
             "dataset.label_nc=3", "dataset.class_names=[background,tissue,spot]", "dataset.lesion_classes=[spot]",
             "dataset.crop_size=[16,16,8]", "segmenter.network.channels=[4,8]", "segmenter.network.strides=[2]",
-            "segmenter.network.num_res_units=0", *overrides])
+            "segmenter.network.num_res_units=0", "segmenter.train.crop_size=null", *overrides])
 
 
 def _toy(name, seed, spots=True, value=None):
@@ -148,7 +148,7 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
                  f"synthetic=[{tmp_path / 'syn'},{tmp_path / 'syn_train'}]",
                  "segmenter.train.max_steps=30", "segmenter.train.lr=0.01", "segmenter.validation.every_n_steps=15",
                  "segmenter.network.channels=[8,16]", "segmenter.network.strides=[2]",
-                 "augmentation.seeds=[0,1]", "bootstrap.samples=200", "device=cpu"]
+                 "segmenter.train.crop_size=null", "segmenter.train.batch_size=2", "augmentation.seeds=[0,1]", "bootstrap.samples=200", "device=cpu"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("segmentation", overrides=overrides)
     split = make_split(validate_dataset(cfg.dataset).cases, cfg.dataset.split)

@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif("not torch.cuda.is_available()
 
 FP32_ATOL = 1e-3
 BF16_MEAN_ATOL = 0.02
-VQGAN_TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.downsample=[2,2,2]",
-              "model.norm_groups=4", "model.num_codes=32", "model.embedding_dim=4", "model.disc_channels=8",
-              "model.disc_layers=2", "model.perceptual_weight=0", "model.gradient_checkpointing=false"]
+VQGAN_TINY = ["model.vqgan.base_channels=8", "model.vqgan.channel_mult=[1,2]", "model.vqgan.downsample=[2,2,2]",
+              "model.vqgan.norm_groups=4", "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4",
+              "model.loss.disc_channels=8", "model.loss.disc_layers=2", "model.loss.perceptual_weight=0",
+              "model.vqgan.gradient_checkpointing=false"]
 
 
 @contextmanager
@@ -63,12 +64,12 @@ def bf16_outputs(module: torch.nn.Module) -> list:
 
 
 def test_stage1_bf16_training_steps_lower_the_loss():
-    from vq_gan_3d.config import build_loss, build_vqgan
+    from utils.build import build
     from vq_gan_3d.training import training_iteration
 
-    cfg = compose("vqgan", [*VQGAN_TINY, "model.gan_start_step=12"])
+    cfg = compose("vqgan", [*VQGAN_TINY, "model.loss.gan_start_step=12"])
     torch.manual_seed(0)
-    vqgan, loss = build_vqgan(cfg.model, 3).cuda(), build_loss(cfg.model).cuda()
+    vqgan, loss = build(cfg.model.vqgan, "model.vqgan").cuda(), build(cfg.model.loss, "model.loss").cuda()
     opt_g = torch.optim.Adam(vqgan.parameters(), lr=3e-3)
     opt_d = torch.optim.Adam([p for d in loss.discriminators() for p in d.parameters()], lr=1e-3)
     image, label = (t.cuda() for t in smooth_crop())

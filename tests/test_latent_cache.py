@@ -97,7 +97,7 @@ def test_vqgan_latent_crop_close_to_crop_encoding(phantom_cfg):
     receptive field at the crop's borders and the norm statistics. Stated bound, on a smooth random 64^3 volume
     with 48^3 crops, 4 latent voxels from the crop's borders: mean absolute difference under 10 % of the latent's
     standard deviation at every tested origin."""
-    from ddpm.windowed import encode_tiled
+    from layers.tiling import encode_tiled
 
     vqgan = tiny_vqgan()
     latent_cache = LatentCache(phantom_cfg, vqgan, crop_size=[48, 48, 48], factor=vqgan.downsample)

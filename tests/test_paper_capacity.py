@@ -1,5 +1,5 @@
 """The paper-capacity options have the published Med-LSDM code's parameter counts (docs: DESIGN's anchors): the
-stage-2 UNet with `model.unet.block=resnet` at the paper settings (37 classes), stage 1 with `model=vqgan_paper`,
+stage-2 UNet with `model.diffusion.unet.block=resnet` at the paper settings (37 classes), stage 1 with `model=vqgan_paper`,
 and the benchmark's VGG16-sized perceptual network. Our defaults keep their own (smaller) counts.
 
 The networks are built on the meta device (shapes only, no memory, no initialisation), as the benchmarks
@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from benchmarks import bench_diffusion, bench_vqgan
-from ddpm.config import unet_settings
 from ddpm.unet import UNet3D
-from vq_gan_3d.config import build_loss, build_vqgan
+from utils.build import build
 
 PUBLISHED_M = {"unet": 37.9, "autoencoder": 1.39, "disc_2d": 2.76, "disc_3d": 11.05, "lpips_vgg": 14.7}
 OURS_DEFAULT_M = {"unet": 14.8, "autoencoder": 0.69, "disc_2d": 1.84, "disc_3d": 6.18}
@@ -26,18 +25,18 @@ def millions(module: torch.nn.Module) -> float:
 
 
 def paper_unet(block: str, *overrides: str) -> UNet3D:
-    diffusion_cfg, vqgan_cfg = bench_diffusion.compose_configs("paper", [f"model.unet.block={block}", *overrides])
+    diffusion_cfg, vqgan_cfg = bench_diffusion.compose_configs("paper", [f"model.diffusion.unet.block={block}", *overrides])
     with torch.device("meta"):
-        return UNet3D(in_channels=int(vqgan_cfg.model.embedding_dim), label_nc=LABEL_NC,
-                      label_downsample=list(vqgan_cfg.model.downsample), **unet_settings(diffusion_cfg.model))
+        vqgan = build(vqgan_cfg.model.vqgan, "model.vqgan")
+        return build(diffusion_cfg.model.diffusion, "model.diffusion", vqgan=vqgan, label_nc=LABEL_NC).unet
 
 
 @lru_cache(maxsize=None)
 def stage1_counts(config: str) -> dict[str, float]:
-    cfg = bench_vqgan.compose_config(config, ["model.perceptual_weight=0"])
+    cfg = bench_vqgan.compose_config(config, ["model.loss.perceptual_weight=0"])
     with torch.device("meta"):
-        vqgan = build_vqgan(cfg.model, LABEL_NC)
-        loss = build_loss(cfg.model)
+        vqgan = build(cfg.model.vqgan, "model.vqgan")
+        loss = build(cfg.model.loss, "model.loss")
     return {"autoencoder": millions(vqgan), "disc_2d": millions(loss.disc_2d), "disc_3d": millions(loss.disc_3d)}
 
 
@@ -52,7 +51,7 @@ def test_resnet_kernel_three_cubed_is_the_full_3d_block():
         return sum(m.weight.numel() for name, m in net.named_modules()
                    if isinstance(m, torch.nn.Conv3d) and name.rsplit(".", 1)[-1] in ("conv1", "conv2"))
 
-    full = paper_unet("resnet", "model.unet.resnet_kernel=[3,3,3]")
+    full = paper_unet("resnet", "model.diffusion.unet.resnet_kernel=[3,3,3]")
     assert block_conv_weights(full) == 3 * block_conv_weights(paper_unet("resnet"))
 
 

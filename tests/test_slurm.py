@@ -28,20 +28,22 @@ JOB_TIMEOUT_S = 600
 # $XDG_CACHE_HOME), a CSV logger, and validation/checkpoints often enough to exercise them.
 DEMO = [
     "experiment=demo", "dataset.demo.n_subjects=6", "dataset.spacing=[6.0,6.0,6.0]", "dataset.crop_size=[32,32,16]",
-    "dataset.num_workers=0", "dataset.batch_size=1", "+trainer.enable_progress_bar=false",
+    "dataset.num_workers=0", "dataset.batch_size=1", "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
 ]
 VQGAN_TINY = [
-    "model.base_channels=4", "model.channel_mult=[1,1,1]", "model.norm_groups=2", "model.num_codes=32",
-    "model.embedding_dim=4", "model.perceptual_weight=0", "model.disc_channels=4", "model.disc_layers=2",
-    "model.gan_start_step=3", "model.gradient_checkpointing=false", "model.val_image_volumes=1",
+    "model.vqgan.base_channels=4", "model.vqgan.channel_mult=[1,1,1]", "model.vqgan.norm_groups=2",
+    "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4", "model.loss.perceptual_weight=0",
+    "model.loss.disc_channels=4", "model.loss.disc_layers=2", "model.loss.gan_start_step=3",
+    "model.vqgan.gradient_checkpointing=false", "model.val_image_volumes=1",
 ]
 DIFFUSION_TINY = [
-    "model.unet.base_channels=8", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[]",
-    "model.unet.head_channels=8", "model.unet.group_width=4", "model.unet.norm_groups=4",
-    "model.unet.mask_channels=4", "model.unet.mask_hidden_channels=4", "model.unet.spade_hidden_channels=8",
-    "model.timesteps=50", "model.scale_factor_batches=2", "model.validation.steps=2",
-    "model.validation.n_volumes=1",
+    "model.diffusion.unet.base_channels=8", "model.diffusion.unet.channel_mult=[1,2]",
+    "model.diffusion.unet.attention_levels=[]", "model.diffusion.unet.head_channels=8",
+    "model.diffusion.unet.group_width=4", "model.diffusion.unet.norm_groups=4",
+    "model.diffusion.unet.mask_channels=4", "model.diffusion.unet.mask_hidden_channels=4",
+    "model.diffusion.unet.spade_hidden_channels=8", "model.diffusion.timesteps=50", "model.scale_factor_batches=2",
+    "model.validation.steps=2", "model.validation.n_volumes=1",
 ]
 
 

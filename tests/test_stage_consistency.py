@@ -31,10 +31,10 @@ def data_root(tmp_path):
 
 
 def stage2_cfg(compose_cfg, root, run_dir, ckpt, *extra):
-    unet = [f"model.unet.{k}={list(v) if isinstance(v, list) else v}".replace(" ", "")
+    unet = [f"model.diffusion.unet.{k}={list(v) if isinstance(v, list) else v}".replace(" ", "")
             for k, v in TINY_UNET.items() if k != "decoder"]
     return compose_cfg("diffusion", [*PHANTOM, f"dataset.root_dir={root}", f"train.run_dir={run_dir}",
-                                     f"model.vqgan_ckpt={ckpt}", *unet, "model.timesteps=50", "logger=csv",
+                                     f"model.vqgan_ckpt={ckpt}", *unet, "model.diffusion.timesteps=50", "logger=csv",
                                      *extra])
 
 

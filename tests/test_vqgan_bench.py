@@ -17,8 +17,8 @@ def one_thread():
 
 def test_benchmark_reports_step_times_memory_and_codec_times(capsys):
     result = bench_vqgan.main(["--config", "demo", "--device", "cpu", "--steps", "1", "--crop", "16", "16", "16",
-                               "--perceptual", "vgg16", "--threads", "1",
-                               "--override", "model.base_channels=4", "model.disc_channels=4", "model.num_codes=32"])
+                               "--perceptual", "vgg16", "--threads", "1", "--override", "model.vqgan.base_channels=4",
+                               "model.loss.disc_channels=4", "model.vqgan.num_codes=32"])
     for key in ("generator_s", "discriminator_s", "voxels_per_s", "encode_one_volume_s", "decode_one_volume_s",
                 "peak_rss_gib"):
         assert result[key] > 0, key

@@ -12,9 +12,9 @@ from ddpm.checkpoint import load_diffusion
 from ddpm.latent_diffusion import LatentDiffusion
 from ddpm.samplers import SamplerSettings
 from ddpm_tiny import TINY_UNET, one_thread, save_tiny_diffusion  # noqa: F401
+from utils.build import build
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import load_vqgan, save_vqgan
-from vq_gan_3d.config import build_vqgan
 from vq_gan_3d.fsq import FiniteScalarQuantizer
 from vq_gan_3d.kl import GaussianLatent
 from vq_gan_3d.losses import VQGANLoss
@@ -142,7 +142,7 @@ def test_kl_encoder_outputs_mean_and_log_variance_and_encode_gives_the_mean():
 
 def test_the_loss_adds_the_kinds_regulariser_as_it_is():
     loss = VQGANLoss(l1_weight=2.0, perceptual_weight=0.0, perceptual_backbone="inception", perceptual_path=None,
-                     n_slices=1, gan_start_step=10, gan_weight_2d=0.0, gan_weight_3d=0.0,
+                     slices_per_volume=1, gan_start_step=10, gan_weight_2d=0.0, gan_weight_3d=0.0,
                      feature_matching_weight=0.0, disc_channels=4, disc_layers=2)
     real, fake = smooth_images(seed=1), smooth_images(seed=2)
     l1 = float(torch.nn.functional.l1_loss(fake, real))
@@ -159,7 +159,7 @@ def test_each_kind_trains_through_the_shared_iteration_and_reconstructs_better(k
     vqgan = VQGAN(base_channels=8, channel_mult=(1, 2), downsample=(2, 2, 2), quantizer=kind, num_codes=64,
                   norm_groups=4, **dim).train()
     loss = VQGANLoss(l1_weight=1.0, perceptual_weight=0.0, perceptual_backbone="inception", perceptual_path=None,
-                     n_slices=1, gan_start_step=10**6, gan_weight_2d=0.0, gan_weight_3d=0.0,
+                     slices_per_volume=1, gan_start_step=10**6, gan_weight_2d=0.0, gan_weight_3d=0.0,
                      feature_matching_weight=0.0, disc_channels=4, disc_layers=2)
     opt = torch.optim.Adam(vqgan.parameters(), lr=3e-3)
     image = smooth_images(n=1)
@@ -177,10 +177,10 @@ def test_each_kind_trains_through_the_shared_iteration_and_reconstructs_better(k
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_config_chooses_the_kind_and_the_checkpoint_stores_it(kind, tmp_path):
-    cfg = compose("vqgan", [f"model.quantizer={kind}", "model.base_channels=4", "model.channel_mult=[1,2]",
-                            "model.downsample=[2,2,2]", "model.norm_groups=2", "model.num_codes=32",
-                            "model.embedding_dim=4"])
-    built = build_vqgan(cfg.model, label_nc=3)
+    cfg = compose("vqgan", [f"model.vqgan.quantizer={kind}", "model.vqgan.base_channels=4",
+                            "model.vqgan.channel_mult=[1,2]", "model.vqgan.downsample=[2,2,2]",
+                            "model.vqgan.norm_groups=2", "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4"])
+    built = build(cfg.model.vqgan, "model.vqgan")
     assert built.kind == kind and built.hparams["embedding_dim"] == 4
     assert {"ema_vq": "num_codes", "fsq": "fsq_levels", "kl": "kl_weight"}[kind] in built.hparams
     vqgan = tiny_vqgan(kind)
@@ -192,9 +192,9 @@ def test_the_config_chooses_the_kind_and_the_checkpoint_stores_it(kind, tmp_path
 
 
 def test_an_unknown_kind_is_a_user_error():
-    cfg = compose("vqgan", ["model.quantizer=vqvae"])
-    with pytest.raises(UserError, match="model.quantizer: must be one of"):
-        build_vqgan(cfg.model, label_nc=3)
+    cfg = compose("vqgan", ["model.vqgan.quantizer=vqvae"])
+    with pytest.raises(UserError, match=r"^model.vqgan: quantizer must be one of \['ema_vq', 'fsq', 'kl'\]"):
+        build(cfg.model.vqgan, "model.vqgan")
 
 
 def diffusion_over(kind: str) -> LatentDiffusion:

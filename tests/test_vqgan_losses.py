@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from conftest import compose
+from utils.build import build
 from utils.errors import UserError
-from vq_gan_3d.config import build_loss
 from vq_gan_3d.discriminators import PatchDiscriminator
 from vq_gan_3d.losses import (VQGANLoss, feature_matching_loss, hinge_d_loss, hinge_g_loss, random_slice_index,
                               sample_slices)
@@ -36,7 +36,7 @@ def smooth_volume(batch=2, shape=(16, 16, 8), seed=0) -> torch.Tensor:
 
 def tiny_loss(**overrides) -> VQGANLoss:
     settings = dict(l1_weight=1.0, perceptual_weight=0.0, perceptual_backbone="inception", perceptual_path=None,
-                    n_slices=2, gan_start_step=0, gan_weight_2d=1.0, gan_weight_3d=1.0, feature_matching_weight=2.0,
+                    slices_per_volume=2, gan_start_step=0, gan_weight_2d=1.0, gan_weight_3d=1.0, feature_matching_weight=2.0,
                     disc_channels=4, disc_layers=2)
     return VQGANLoss(**{**settings, **overrides})
 
@@ -104,26 +104,27 @@ def test_medicalnet_backbone_from_a_weights_file(tmp_path):
 
 
 def test_a_missing_perceptual_backbone_stops_at_start_up(tmp_path):
-    base = compose("vqgan", ["model.gan_weight_2d=0", "model.gan_weight_3d=0"]).model
+    base = compose("vqgan", ["model.loss.gan_weight_2d=0", "model.loss.gan_weight_3d=0"]).model.loss
     for backbone, path in [("torchscript", tmp_path / "vgg.pt"), ("medicalnet", tmp_path / "resnet_10.pth"),
                            ("inception", tmp_path / "inception.pt")]:
-        cfg = compose("vqgan", [f"model.perceptual_backbone={backbone}", f"model.perceptual_path={path}"]).model
+        cfg = compose("vqgan", [f"model.loss.perceptual_backbone={backbone}",
+                                f"model.loss.perceptual_path={path}"]).model.loss
         with pytest.raises(UserError, match="not found"):
-            build_loss(cfg)
+            build(cfg, "model.loss")
     with pytest.raises(UserError, match="needs a file path"):
-        build_loss(compose("vqgan", ["model.perceptual_backbone=medicalnet"]).model)
+        build(compose("vqgan", ["model.loss.perceptual_backbone=medicalnet"]).model.loss, "model.loss")
     with pytest.raises(UserError, match="unknown backbone"):
-        build_loss(compose("vqgan", ["model.perceptual_backbone=alexnet"]).model)
+        build(compose("vqgan", ["model.loss.perceptual_backbone=alexnet"]).model.loss, "model.loss")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="not a loadable TorchScript"):
-        build_loss(compose("vqgan", ["model.perceptual_backbone=torchscript",
-                                     f"model.perceptual_path={broken}"]).model)
+        build(compose("vqgan", ["model.loss.perceptual_backbone=torchscript",
+                                     f"model.loss.perceptual_path={broken}"]).model.loss, "model.loss")
     # weight 0: the backbone is never loaded, so a missing file is no error
-    off = compose("vqgan", ["model.perceptual_weight=0", "model.perceptual_backbone=medicalnet",
-                            f"model.perceptual_path={tmp_path / 'absent.pth'}"]).model
-    assert build_loss(off).perceptual is None
-    assert build_loss(base).perceptual is not None  # the default: Inception-v3 from the fid-helper wheel
+    off = compose("vqgan", ["model.loss.perceptual_weight=0", "model.loss.perceptual_backbone=medicalnet",
+                            f"model.loss.perceptual_path={tmp_path / 'absent.pth'}"]).model.loss
+    assert build(off, "model.loss").perceptual is None
+    assert build(base, "model.loss").perceptual is not None  # the default: Inception-v3 from the fid-helper wheel
 
 
 # -- discriminators and GAN terms ---------------------------------------------------------------------------

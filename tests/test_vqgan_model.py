@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from layers.norm import SPADE
+from layers.strides import per_level_strides
 from utils.errors import UserError
-from vq_gan_3d.blocks import per_level_strides
 from vq_gan_3d.checkpoint import load_vqgan, save_vqgan
 from vq_gan_3d.model import VQGAN
-from vq_gan_3d.spade import SPADE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(base_channels=4, norm_groups=2, num_codes=16, embedding_dim=4)

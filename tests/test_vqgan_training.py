@@ -16,9 +16,10 @@ from train.lit_vqgan import LitVQGAN
 from vq_gan_3d.checkpoint import load_vqgan
 from vq_gan_3d.model import VQGAN
 
-TINY = ["model.base_channels=4", "model.channel_mult=[1,2]", "model.downsample=[2,2,2]", "model.norm_groups=2",
-        "model.num_codes=32", "model.embedding_dim=4", "model.disc_channels=4", "model.disc_layers=2",
-        "model.perceptual_weight=0", "model.val_image_volumes=1"]
+TINY = ["model.vqgan.base_channels=4", "model.vqgan.channel_mult=[1,2]", "model.vqgan.downsample=[2,2,2]",
+        "model.vqgan.norm_groups=2", "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4",
+        "model.loss.disc_channels=4", "model.loss.disc_layers=2", "model.loss.perceptual_weight=0",
+        "model.val_image_volumes=1"]
 DEMO_DATA = ["dataset.demo.n_subjects=6", "dataset.spacing=[6.0,6.0,6.0]", "dataset.crop_size=[32,32,16]",
              "dataset.num_workers=0"]
 
@@ -52,7 +53,7 @@ class FixedCrops(pl.LightningDataModule):
 def run_cfg(run_dir, max_steps, extra=()):
     return compose("vqgan", [*TINY, "trainer=cpu", "logger=csv", f"train.run_dir={run_dir}",
                              f"trainer.max_steps={max_steps}", "trainer.val_check_interval=2",
-                             "+trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+                             "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
                              "train.ckpt_every_n_steps=2", *extra])
 
 
@@ -77,8 +78,8 @@ def test_resume_continues_exactly(tmp_path):
     """k + m steps in one run == k steps, stop, resume, m steps: weights, codebook, discriminators, optimisers.
     The GAN starts at step 1 and dead codes restart (grace 1 / (1 - ema_decay) = 2 steps), so every part of the
     state is exercised."""
-    extra = ["model.gan_start_step=1", "model.dead_code_threshold=1.0", "model.ema_decay=0.5",
-             "model.gradient_checkpointing=true", "model.lr_decay_start=2"]
+    extra = ["model.loss.gan_start_step=1", "model.vqgan.dead_code_threshold=1.0", "model.vqgan.ema_decay=0.5",
+             "model.vqgan.gradient_checkpointing=true", "model.lr_decay_start=2"]
 
     def run(run_dir, max_steps):
         pl.seed_everything(0, verbose=False)
@@ -121,9 +122,9 @@ def demo_run(tmp_path_factory, demo_cfg):
     demo data of conftest, through the training entry point's own steps."""
     run_dir = tmp_path_factory.mktemp("vqgan_demo")
     cfg = compose("vqgan", ["experiment=demo", *DEMO_DATA, f"train.run_dir={run_dir}", "trainer.max_steps=3",
-                            "trainer.val_check_interval=3", "model.gan_start_step=1",
-                            "+trainer.enable_progress_bar=false"])
-    assert cfg.trainer.accelerator == "cpu" and cfg.model.perceptual_backbone == "inception"
+                            "trainer.val_check_interval=3", "model.loss.gan_start_step=1",
+                            "trainer.enable_progress_bar=false"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.model.loss.perceptual_backbone == "inception"
     from dataset.datamodule import VolumeDataModule
 
     pl.seed_everything(0, verbose=False)
@@ -194,9 +195,9 @@ def test_reference_blur_is_a_normalised_separable_gaussian():
 
 
 def test_spade_model_config_trains_and_loads(tmp_path):
-    cfg = compose("vqgan", ["model=vqgan_spade", *TINY[1:], "model.base_channels=4", "trainer=cpu", "logger=csv",
+    cfg = compose("vqgan", ["model=vqgan_spade", *TINY[1:], "model.vqgan.base_channels=4", "trainer=cpu", "logger=csv",
                             f"train.run_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                            "+trainer.enable_progress_bar=false", "model.gan_start_step=1"])
+                            "trainer.enable_progress_bar=false", "model.loss.gan_start_step=1"])
     module = LitVQGAN(cfg)
     assert module.vqgan.is_spade and module.vqgan.label_nc == cfg.dataset.label_nc
     assert module.vqgan.mask_compressor is not None

@@ -2,6 +2,7 @@
 and the middle-slice image logged at every validation."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +20,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from train.requeue import RequeueOnSignal, RequeueRequested, finish_after_requeue_request
 from utils.atomic import atomic_path
 from utils.errors import UserError
+from utils.logs import tqdm_disabled
+
+log = logging.getLogger(__name__)
 
 LAST_CKPT = "last.ckpt"
 BEST_CKPT = "best.ckpt"
@@ -31,6 +35,16 @@ def resolve_precision(precision: str | int) -> str | int:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
+
+
+def resolve_progress_bar(setting: bool | str) -> bool:
+    """`trainer.enable_progress_bar`: true | false | auto (a bar unless `TQDM_DISABLE` is set or this is a Slurm
+    batch job, whose log a bar would fill with carriage-return updates)."""
+    if isinstance(setting, bool):
+        return setting
+    if str(setting).strip().lower() != "auto":
+        raise UserError(f"trainer.enable_progress_bar: expected true, false or auto, got {setting!r}")
+    return not (tqdm_disabled() or in_slurm_batch_job())
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | None) -> str | None:
@@ -80,6 +94,7 @@ class SeedPerRank(pl.Callback):
 def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"])
+    trainer_kwargs["enable_progress_bar"] = resolve_progress_bar(trainer_kwargs.get("enable_progress_bar", "auto"))
     callbacks = [
         # last.ckpt: every `ckpt_every_n_steps` optimisation steps and at the end of training.
         ModelCheckpoint(
@@ -132,7 +147,7 @@ def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     ckpt_path = find_resume_checkpoint(run_dir, cfg.train.resume)
     trainer = build_trainer(cfg, module, run_dir)
     if ckpt_path and trainer.is_global_zero:
-        print(f"resuming from {ckpt_path}", flush=True)
+        log.info("resuming from %s", ckpt_path)
     requeue = next((cb for cb in trainer.callbacks if isinstance(cb, RequeueOnSignal)), None)
     if requeue is not None:
         requeue.install()

@@ -1,4 +1,4 @@
-# Sourced by vqgan.sh and diffusion.sh (not run on its own): start one training stage, under Slurm through srun
+# Sourced by vqgan.sh, diffusion.sh and labels.sh (not run on its own): start one training stage, under Slurm through srun
 # (one task per GPU, Lightning reads its ranks from Slurm), elsewhere as a plain python process.
 #
 #   launch_stage <python module> [hydra overrides...]

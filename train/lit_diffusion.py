@@ -9,6 +9,7 @@ its patient split (`stage1_split`) is the one the data module reuses.
 """
 from __future__ import annotations
 
+import logging
 import zlib
 
 import pytorch_lightning as pl
@@ -16,15 +17,16 @@ import torch
 from omegaconf import DictConfig
 
 from ddpm.checkpoint import STAGE, checkpoint_metadata
-from ddpm.config import build_latent_diffusion
 from ddpm.latent_cache import attach_latent_cache
 from ddpm.latent_diffusion import LatentDiffusion, make_optimizer, per_sample_loss
 from ddpm.samplers import SamplerSettings, gaussian
 from train.common import mean_over_unique_cases, save_image_grid
+from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import load_vqgan_for_dataset
 
+log = logging.getLogger(__name__)
 
 VAL_TIMESTEP_QUANTILES = (0.1, 0.35, 0.6, 0.85)  # fixed timesteps (fractions of T) of the validation loss
 
@@ -36,7 +38,7 @@ def case_seed(case_id: str) -> int:
 def build_model(cfg: DictConfig) -> tuple[LatentDiffusion, dict[str, list[str]] | None]:
     """The model on the stage-1 checkpoint (refused if trained on other data) and stage 1's patient split."""
     vqgan, split = load_vqgan_for_dataset(cfg.model.vqgan_ckpt, cfg.dataset, stage1_source(cfg))
-    model = build_latent_diffusion(cfg.model, vqgan, int(cfg.dataset.label_nc))
+    model = build(cfg.model.diffusion, "model.diffusion", vqgan=vqgan, label_nc=int(cfg.dataset.label_nc))
     try:
         model.check_image_size(cfg.dataset.crop_size)
     except ValueError as err:
@@ -64,7 +66,7 @@ class LitDiffusion(pl.LightningModule):
         except ValueError as err:
             raise UserError(f"model.validation: {err}") from None
         if not 1 <= self.val_sampler.steps <= self.model.schedule.timesteps:
-            raise UserError(f"model.validation.steps: must be between 1 and model.timesteps "
+            raise UserError(f"model.validation.steps: must be between 1 and model.diffusion.timesteps "
                             f"({self.model.schedule.timesteps}), got {self.val_sampler.steps}")
         self.val_guidance_scale = float(val.guidance_scale)
         self.val_volumes = int(val.n_volumes)
@@ -101,7 +103,7 @@ class LitDiffusion(pl.LightningModule):
             raise UserError("model.scale_factor_batches: no training batches to compute the latent scale factor from")
         scale = self.model.set_scale_factor_from(total / count, squares / count)
         if self.trainer.is_global_zero:
-            print(f"latent scale factor {scale:.5f} (1/std of {int(count)} latent values)", flush=True)
+            log.info("latent scale factor %.5f (1/std of %d latent values)", scale, int(count))
 
     # training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

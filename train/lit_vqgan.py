@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from evaluation.metrics import gaussian_kernel_1d, psnr, ssim3d
+from layers.memory_format import to_channels_last_3d
 from train.common import mean_over_unique_cases, save_image_grid
+from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import STAGE, checkpoint_metadata
-from vq_gan_3d.config import build_loss, build_vqgan
-from vq_gan_3d.training import to_channels_last_3d, training_iteration
+from vq_gan_3d.training import training_iteration
 
 
 REFERENCE_BLUR_SIGMAS = (1.0, 2.0)
@@ -53,8 +54,8 @@ class LitVQGAN(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         m = cfg.model
-        self.vqgan = build_vqgan(m, int(cfg.dataset.label_nc))
-        self.loss = build_loss(m)
+        self.vqgan = build(m.vqgan, "model.vqgan")
+        self.loss = build(m.loss, "model.loss")
         self.channels_last = bool(m.channels_last)
         if self.channels_last:
             to_channels_last_3d(self)

@@ -13,6 +13,7 @@ rank; this module replaces it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 
 import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
 
 
 class RequeueRequested(Exception):
@@ -40,10 +43,10 @@ def requeue_slurm_job(job_id: str) -> bool:
     try:
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        print("requeue: scontrol not found", file=sys.stderr, flush=True)
+        log.warning("requeue: scontrol not found")
         return False
     if result.returncode != 0:
-        print(f"requeue: scontrol requeue {job_id} failed: {result.stderr.strip()}", file=sys.stderr, flush=True)
+        log.warning("requeue: scontrol requeue %s failed: %s", job_id, result.stderr.strip())
     return result.returncode == 0
 
 
@@ -75,7 +78,7 @@ class RequeueOnSignal(pl.Callback):
             return
         trainer.save_checkpoint(self.checkpoint_path)  # rank 0 writes, then all ranks meet at a barrier
         if trainer.is_global_zero:
-            print(f"requeue: saved {self.checkpoint_path} at step {trainer.global_step}", flush=True)
+            log.info("requeue: saved %s at step %d", self.checkpoint_path, trainer.global_step)
         raise RequeueRequested(str(self.checkpoint_path))
 
 
@@ -86,7 +89,7 @@ def finish_after_requeue_request(is_global_zero: bool) -> None:
         sys.exit(0)
     job_id = slurm_job_id()
     if job_id and requeue_slurm_job(job_id):
-        print(f"requeue: job {job_id} requeued; it will resume from its checkpoint", flush=True)
+        log.info("requeue: job %s requeued; it will resume from its checkpoint", job_id)
         sys.exit(0)
     sys.exit(
         "requeue: the job could not be requeued; the checkpoint is saved, resubmit with the same "

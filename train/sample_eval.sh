@@ -65,7 +65,7 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
 fi
 
 checkpoint=$run_dir/last.ckpt
-"$python" -m train.test_split "run_dir=$run_dir" "out=$out_dir/test" overwrite=true
+"$python" -m train.export_split "run_dir=$run_dir" "out=$out_dir/test" overwrite=true
 # overwrite=true: a rerun of this job (requeue after a node failure) regenerates its own outputs.
 "${run_tasks[@]}" "$python" -m ddpm.sample "ckpt=$checkpoint" "labels=$out_dir/test/labels" \
     "out=$out_dir/samples" overwrite=true "${sample_overrides[@]}"

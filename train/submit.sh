@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Submit the whole pipeline in one command: stage 1, stage 2 once stage 1 succeeded (afterok) from stage 1's
-# checkpoint, then synthesis of the held-out test cases and their evaluation once stage 2 succeeded.
+# checkpoint, then synthesis of the held-out test cases and their evaluation once stage 2 succeeded; with
+# --labels also the label-map generator once stage 1 succeeded, on stage 1's patient split.
 #
-#   bash train/submit.sh [--run-dir=DIR] [SBATCH OPTIONS] [OVERRIDES] [STAGE:OVERRIDE ...]
+#   bash train/submit.sh [--run-dir=DIR] [--labels] [SBATCH OPTIONS] [OVERRIDES] [STAGE:OVERRIDE ...]
 #
 #   --run-dir=DIR      where everything goes: DIR/vqgan, DIR/diffusion, DIR/test, DIR/samples, DIR/evaluation
-#                      (default runs/pipeline-<date>-<time>, relative to where you submit)
+#                      (and DIR/labels with --labels; default runs/pipeline-<date>-<time>, relative to where you submit)
+#   --labels           also train the label-map generator (labels.sh, after stage 1, in parallel with stage 2)
 #   --opt=value        an sbatch option for every job, e.g. --partition=gpu --account=mylab --gpus-per-node=4
 #                      (the --name=value form; SBATCH_* environment variables work as well)
-#   key=value          a Hydra override for both training stages, e.g. dataset=duke dataset.root_dir=/data/duke
-#   vqgan:X, diffusion:X, sample:X, evaluate:X
+#   key=value          a Hydra override for every training job, e.g. dataset=duke dataset.root_dir=/data/duke
+#   vqgan:X, diffusion:X, labels:X, sample:X, evaluate:X
 #                      X (a Hydra override, or an sbatch option if it starts with -) for that job only,
 #                      e.g. vqgan:trainer.max_steps=50000 diffusion:--time=48:00:00 sample:steps=100
 #
@@ -24,12 +26,16 @@ vqgan_args=()
 vqgan_sbatch=()
 diffusion_args=()
 diffusion_sbatch=()
+with_labels=false
+labels_args=()
+labels_sbatch=()
 sample_eval_args=()
 sample_eval_sbatch=()
 
 for arg; do
     case "$arg" in
         --run-dir=*) run_dir=${arg#--run-dir=} ;;
+        --labels) with_labels=true ;;
         -*=*) all_jobs+=("$arg") ;;
         -*)
             case "$arg" in
@@ -44,6 +50,8 @@ for arg; do
         vqgan:*) vqgan_args+=("${arg#vqgan:}") ;;
         diffusion:-*) diffusion_sbatch+=("${arg#diffusion:}") ;;
         diffusion:*) diffusion_args+=("${arg#diffusion:}") ;;
+        labels:-*) labels_sbatch+=("${arg#labels:}") ;;
+        labels:*) labels_args+=("${arg#labels:}") ;;
         sample:-* | evaluate:-*) sample_eval_sbatch+=("${arg#*:}") ;;
         sample:* | evaluate:*) sample_eval_args+=("$arg") ;;
         *=* | ~*) both_stages+=("$arg") ;;
@@ -79,4 +87,12 @@ echo "run directory: $run_dir"
 echo "stage 1 (vqgan):       job $vqgan_job  -> $run_dir/vqgan/last.ckpt"
 echo "stage 2 (diffusion):   job $diffusion_job  (after $vqgan_job) -> $run_dir/diffusion/last.ckpt"
 echo "sampling + evaluation: job $sample_eval_job  (after $diffusion_job) -> $run_dir/samples, $run_dir/evaluation"
-echo "$vqgan_job $diffusion_job $sample_eval_job" >"$run_dir/jobs.txt"
+jobs="$vqgan_job $diffusion_job $sample_eval_job"
+if [[ $with_labels == true ]]; then
+    labels_job=$(submit --dependency="afterok:$vqgan_job" "${all_jobs[@]}" "${labels_sbatch[@]}" "$root/labels.sh" \
+        "train.run_dir=$run_dir/labels" "model.split_ckpt=$run_dir/vqgan/last.ckpt" "${both_stages[@]}" \
+        "${labels_args[@]}")
+    echo "label-map generator:   job $labels_job  (after $vqgan_job) -> $run_dir/labels/last.ckpt"
+    jobs="$jobs $labels_job"
+fi
+echo "$jobs" >"$run_dir/jobs.txt"

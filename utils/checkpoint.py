@@ -7,16 +7,17 @@ is a one-line `UserError` naming it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
+from utils.build import target_name
 from utils.errors import UserError
 
-STAGE_NAMES = {"vqgan": "stage-1 (VQ-GAN)", "diffusion": "stage-2 (diffusion)"}
+STAGE_NAMES = {"vqgan": "stage-1 (VQ-GAN)", "diffusion": "stage-2 (diffusion)", "labels": "label-generator"}
 # Data settings that must agree between the stage-1 checkpoint and the data stage 2 trains on (crop size may
 # differ: the latent model sees its own crops).
 MATCHING_DATA_SETTINGS = ("name", "modality", "spacing", "intensity", "label_nc", "class_names")
@@ -49,13 +50,23 @@ def read_checkpoint(path: str | os.PathLike, stage: str, *, needed: str,
     return checkpoint
 
 
-def rebuild(path: str | os.PathLike, stage: str, build: Callable[[], Any]) -> Any:
-    """`build()` (a model from stored settings); a settings error is a malformed checkpoint."""
+def rebuild(path: str | os.PathLike, stage: str, node: Any, classes: Sequence[type], **extra: Any) -> Any:
+    """The model a stored config node (`hparams`, see `utils.build.configurable`) describes, built with `extra`
+    (dependencies such as the VQ-GAN). Its `_target_` must name one of `classes`, this project's own: a file never
+    chooses what code runs. A node without a target (written before targets were stored) is the first class's. The
+    class is called directly (no interpolation, no nested instantiation); a settings error is a malformed file."""
+    allowed = {target_name(cls): cls for cls in classes}
+    what = f"malformed {STAGE_NAMES[stage]} checkpoint"
+    if not isinstance(node, dict):
+        raise UserError(f"{path}: {what} (model settings are not a dict)")
+    target = node.get("_target_", target_name(classes[0]))
+    if target not in allowed:
+        raise UserError(f"{path}: {what} (model class {target!r} is not one of {sorted(allowed)})")
+    settings = {k: v for k, v in node.items() if k != "_target_"}
     try:
-        return build()
+        return allowed[target](**settings, **extra)
     except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: malformed {STAGE_NAMES[stage]} checkpoint (cannot rebuild the model: {err})"
-                        ) from None
+        raise UserError(f"{path}: {what} (cannot rebuild the model: {' '.join(str(err).split())})") from None
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str,
@@ -91,14 +102,15 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def check_data_settings(stored: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+def check_data_settings(stored: Mapping[str, Any], current: Mapping[str, Any], source: str,
+                        sides: tuple[str, str] = ("the stage-1 checkpoint", "the dataset config")) -> None:
     """Refuse data that differs from what a checkpoint was trained on, one setting at a time:
-    `<source>: spacing [3.0, 3.0, 3.0] in the stage-1 checkpoint, [2.0, 2.0, 2.0] in the dataset config`.
-    A setting the checkpoint does not record (older files) is not compared; class names only when both have them."""
+    `<source>: spacing [3.0, 3.0, 3.0] in the stage-1 checkpoint, [2.0, 2.0, 2.0] in the dataset config`
+    (`sides` names where `stored` and `current` come from). A setting the checkpoint does not record (older
+    files) is not compared; class names only when both have them."""
     for key in MATCHING_DATA_SETTINGS:
         if key not in stored or (key == "class_names" and (stored[key] is None or current.get(key) is None)):
             continue
         if not _same(stored[key], current.get(key)):
             label = "label classes" if key == "class_names" else key
-            raise UserError(f"{source}: {label} {stored[key]!r} in the stage-1 checkpoint, "
-                            f"{current.get(key)!r} in the dataset config")
+            raise UserError(f"{source}: {label} {stored[key]!r} in {sides[0]}, {current.get(key)!r} in {sides[1]}")

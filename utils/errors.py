@@ -1,13 +1,16 @@
 """One-line user errors for every command-line entry point.
 
 Anything the user can fix (bad file, wrong checkpoint, missing weights) raises `UserError` with a message
-that names the file and the problem. Entry points wrap their body in `exit_on_user_error`, which prints
-`error: <message>` on one line and exits with status 2 instead of a traceback.
+that names the file and the problem. Entry points wrap their body in `exit_on_user_error`, which sets up
+logging (`utils.logs.setup_logging`: INFO lines on stderr from rank zero) and turns a `UserError` into
+`error: <message>` on one line and exit status 2 instead of a traceback.
 """
 from __future__ import annotations
 
 import functools
 import sys
+
+from utils.logs import setup_logging
 
 
 class UserError(Exception):
@@ -17,6 +20,7 @@ class UserError(Exception):
 def exit_on_user_error(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        setup_logging()
         try:
             return fn(*args, **kwargs)
         except UserError as err:

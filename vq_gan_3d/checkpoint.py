@@ -1,6 +1,7 @@
 """Loading a trained stage 1 safely (`weights_only=True`) from the Lightning checkpoints of a VQ-GAN run.
 
-A stage-1 checkpoint carries `"stage": "vqgan"`, `"vqgan": {"hparams": VQGAN.hparams, "dataset": {...},
+A stage-1 checkpoint carries `"stage": "vqgan"`, `"vqgan": {"hparams": VQGAN.hparams (the `model.vqgan` config
+node it was built from, `_target_` included; files without the target still load), "dataset": {...},
 "intensity_reference": {...} | None, "split": {"train", "val", "test": [case ids]} | None}` and the weights under
 `state_dict["vqgan.*"]` (the LightningModule's attribute). Reading and checking the file is
 `utils.checkpoint.read_checkpoint`, shared with stage 2.
@@ -42,7 +43,7 @@ def load_vqgan_with_metadata(path: str | os.PathLike, map_location: str | torch.
     """The trained VQ-GAN (eval mode, `requires_grad=False`) and the checkpoint's `"vqgan"` metadata."""
     checkpoint = read_checkpoint(path, map_location)
     meta = checkpoint[STAGE]
-    model = rebuild(path, STAGE, lambda: VQGAN.from_hparams(meta["hparams"]))
+    model = rebuild(path, STAGE, meta["hparams"], [VQGAN])
     load_weights(model, checkpoint["state_dict"], STATE_PREFIX, path, "VQ-GAN")
     if not bool(model.quantizer.initialized):
         raise UserError(f"{path}: the codebook was never initialised (saved before the first training step)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vq_gan_3d.blocks import like_weights
+from layers.memory_format import like_weights
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}

@@ -14,6 +14,7 @@ here: stage 2 fits it (`train.lit_diffusion`), the one definition of it.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import hydra
@@ -25,18 +26,13 @@ from dataset.cache import load_preprocessed
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, pad_to_multiple
 from dataset.datamodule import split_cases
 from utils.atomic import atomic_path
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from vq_gan_3d.checkpoint import load_vqgan_for_dataset
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name}: no CUDA device is available")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -69,7 +65,7 @@ def encode_dataset(cfg: DictConfig) -> Path:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, latent=latent, label=label, pads=np.asarray(pads, dtype=np.int64))
             written[case.case_id] = split
-            print(f"{split}/{case.case_id}: latent {list(latent.shape)}", flush=True)
+            log.info("%s/%s: latent %s", split, case.case_id, list(latent.shape))
     record = {"checkpoint": ckpt.name, "dataset": str(cfg.dataset.name), "downsample": list(model.downsample),
               "latent": "continuous latent before quantisation (VQGAN.encode)", "stage1_kind": model.kind,
               "cases": written}

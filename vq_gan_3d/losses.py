@@ -62,7 +62,7 @@ class VQGANLoss(nn.Module):
         perceptual_weight: float,
         perceptual_backbone: str,
         perceptual_path: str | None,
-        n_slices: int,
+        slices_per_volume: int,
         gan_start_step: int,
         gan_weight_2d: float,
         gan_weight_3d: float,
@@ -73,7 +73,7 @@ class VQGANLoss(nn.Module):
         super().__init__()
         self.l1_weight = l1_weight
         self.perceptual_weight = perceptual_weight
-        self.n_slices = n_slices
+        self.slices_per_volume = slices_per_volume
         self.gan_start_step = gan_start_step
         self.gan_weight_2d = gan_weight_2d
         self.gan_weight_3d = gan_weight_3d
@@ -107,7 +107,7 @@ class VQGANLoss(nn.Module):
             gan_on and self.disc_2d is not None)
         real_2d = fake_2d = None
         if slices_needed:
-            index = random_slice_index(real.shape[0], real.shape[-1], self.n_slices, generator)
+            index = random_slice_index(real.shape[0], real.shape[-1], self.slices_per_volume, generator)
             real_2d, fake_2d = sample_slices(real, index), sample_slices(fake, index)
         if self.perceptual is not None:
             pair = (real_2d, fake_2d) if self.perceptual.on_slices else (real, fake)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.build import configurable
 from vq_gan_3d.fsq import FiniteScalarQuantizer
 from vq_gan_3d.kl import GaussianLatent
-from vq_gan_3d.networks import Decoder, Encoder, MaskCompressor
+from vq_gan_3d.networks import Decoder, DecoderMaskCompressor, Encoder
 from vq_gan_3d.quantizer import EMAVectorQuantizer
 
 KINDS = ("ema_vq", "fsq", "kl")
@@ -29,6 +30,7 @@ def latent_kind(hparams: dict[str, Any]) -> str:
     return str(hparams.get("quantizer", "ema_vq"))
 
 
+@configurable()
 class VQGAN(nn.Module):
     """`encode(image) -> z` (the continuous latent before quantisation, what stage 2 diffuses: the encoder output
     for ema_vq, its bounded value for fsq, the posterior mean for kl), `quantize(z) -> (z_q, info)` (nearest code,
@@ -38,10 +40,12 @@ class VQGAN(nn.Module):
     fsq) and `stats` (detached scalars to log).
 
     Images are (B, 1, X, Y, Z) in [-1, 1]; labels are int class maps (B, 1, X, Y, Z) in [0, label_nc).
-    `hparams` holds everything needed to rebuild the network (it is stored in checkpoints), the settings of the
-    chosen latent kind only: ema_vq `num_codes`, `ema_decay`, `commitment_weight`, `dead_code_threshold`,
-    `usage_window`; fsq `fsq_levels` (one per latent channel: `embedding_dim` is their number), `usage_window`;
-    kl `kl_weight`.
+    Built from `model.vqgan` (`utils.build.build`); `hparams` is the constructor's arguments with the target
+    (`utils.build.configurable`), what checkpoints store to rebuild the network. Each latent kind reads its own
+    arguments: ema_vq `num_codes`, `ema_decay`, `commitment_weight`, `dead_code_threshold`, `usage_window`; fsq
+    `fsq_levels` (one per latent channel: `embedding_dim`, if given, must be their number), `usage_window`; kl
+    `kl_weight`. `embedding_dim=None`: 8 for ema_vq and kl. `label_nc=None`: a plain decoder; a class count: the
+    SPADE decoder fed the label map.
     """
 
     def __init__(
@@ -77,27 +81,16 @@ class VQGAN(nn.Module):
                 raise ValueError(f"fsq has one latent channel per level entry: embedding_dim {embedding_dim} "
                                  f"!= {len(fsq_levels)} entries in fsq_levels {fsq_levels}")
             embedding_dim = len(fsq_levels)
-            kind_settings = dict(fsq_levels=fsq_levels, usage_window=usage_window)
             self.quantizer = FiniteScalarQuantizer(levels=fsq_levels, usage_window=usage_window)
         elif quantizer == "kl":
             embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
-            kind_settings = dict(kl_weight=kl_weight)
             self.quantizer = GaussianLatent(embedding_dim=embedding_dim, kl_weight=kl_weight)
         else:
             embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
-            kind_settings = dict(num_codes=num_codes, ema_decay=ema_decay, commitment_weight=commitment_weight,
-                                 dead_code_threshold=dead_code_threshold, usage_window=usage_window)
             self.quantizer = EMAVectorQuantizer(num_codes=num_codes, embedding_dim=embedding_dim, decay=ema_decay,
                                                 commitment_weight=commitment_weight,
                                                 dead_code_threshold=dead_code_threshold, usage_window=usage_window)
-        self.hparams: dict[str, Any] = dict(
-            in_channels=in_channels, base_channels=base_channels, channel_mult=[int(m) for m in channel_mult],
-            num_res_blocks=num_res_blocks if isinstance(num_res_blocks, int) else [int(n) for n in num_res_blocks],
-            downsample=[int(f) for f in downsample], quantizer=quantizer, embedding_dim=embedding_dim,
-            **kind_settings, norm_groups=norm_groups, label_nc=label_nc, spade_hidden=spade_hidden,
-            mask_compressor_channels=mask_compressor_channels, mask_compressor_hidden=mask_compressor_hidden,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self.embedding_dim = embedding_dim
         shape = dict(base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                      downsample=downsample, norm_groups=norm_groups, gradient_checkpointing=gradient_checkpointing)
         self.label_nc = label_nc
@@ -108,15 +101,12 @@ class VQGAN(nn.Module):
         if label_nc is not None:
             label_channels = label_nc
             if mask_compressor_channels > 0:
-                self.mask_compressor = MaskCompressor(label_nc=label_nc, out_channels=mask_compressor_channels,
-                                                      hidden_channels=mask_compressor_hidden)
+                self.mask_compressor = DecoderMaskCompressor(label_nc=label_nc,
+                                                             out_channels=mask_compressor_channels,
+                                                             hidden_channels=mask_compressor_hidden)
                 label_channels = mask_compressor_channels
         self.decoder = Decoder(out_channels=in_channels, label_channels=label_channels, spade_hidden=spade_hidden,
                                embedding_dim=embedding_dim, **shape)
-
-    @classmethod
-    def from_hparams(cls, hparams: dict[str, Any]) -> "VQGAN":
-        return cls(**hparams)
 
     @property
     def kind(self) -> str:
@@ -132,7 +122,7 @@ class VQGAN(nn.Module):
         for size, factor in zip(image_shape, self.downsample):
             if size % factor:
                 raise ValueError(f"image size {list(image_shape)} is not divisible by downsample {list(self.downsample)}")
-        return (self.hparams["embedding_dim"], *(s // f for s, f in zip(image_shape, self.downsample)))
+        return (self.embedding_dim, *(s // f for s, f in zip(image_shape, self.downsample)))
 
     def label_features(self, label: torch.Tensor) -> torch.Tensor:
         """Int label map (B, 1, ...) -> one-hot (B, label_nc, ...) -> compressed map when a compressor is set."""

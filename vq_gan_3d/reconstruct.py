@@ -3,48 +3,52 @@
     python -m vq_gan_3d.reconstruct ckpt=PATH images=DIR out=DIR [labels=DIR] [overlap=0.25]
 
 Each image is put on the model grid (RAS, the training spacing), normalised as in training (its own intensity
-parameters), reconstructed in overlapping windows of the training crop size blended with Gaussian weights, mapped
-back to native units and onto the input grid, and written as `<out>/<same file name>` with the input's affine.
+parameters), reconstructed in overlapping windows of the training crop size blended with sin^2 ramps (the
+one tiling scheme, `layers.tiling`), mapped back to native units and onto the input grid, and written as
+`<out>/<same file name>` with the input's affine.
 The SPADE decoder also needs the label maps (`labels=DIR`, same file names).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig
 
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE, pad_to_at_least, unpad
 from dataset.geometry import from_model_grid, to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import is_nifti_name, load_nifti, save_nifti
+from layers.tiling import tiled_apply
 from utils.atomic import check_writable
+from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from vq_gan_3d.checkpoint import load_vqgan, read_checkpoint
-from vq_gan_3d.encode import resolve_device
 from vq_gan_3d.model import VQGAN
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def reconstruct_normalised(model: VQGAN, image: np.ndarray, label: np.ndarray | None, *, window: list[int],
                            overlap: float, device: torch.device) -> np.ndarray:
-    """(X, Y, Z) normalised volume (and label map) on the model grid -> its reconstruction, same shape."""
+    """(X, Y, Z) normalised volume (and label map) on the model grid -> its reconstruction, same shape: the model
+    runs on overlapping windows of `window` voxels, blended as every tiled call is (`layers.tiling`)."""
     padded, pads = pad_to_at_least(np.asarray(image, dtype=np.float32), window, IMAGE_PAD_VALUE)
-    inputs = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+    image_t = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
+    label_t = None
     if label is not None:
-        label_padded, _ = pad_to_at_least(np.asarray(label), window, LABEL_PAD_VALUE)
-        inputs = torch.cat([inputs, torch.from_numpy(label_padded.astype(np.float32))[None, None]], dim=1)
+        label_padded, _ = pad_to_at_least(np.asarray(label, dtype=np.int64), window, LABEL_PAD_VALUE)
+        label_t = torch.from_numpy(np.ascontiguousarray(label_padded))[None, None]
 
-    def predictor(tile: torch.Tensor) -> torch.Tensor:
-        tile_label = tile[:, 1:].round().long() if label is not None else None
-        recon, _ = model(tile[:, :1], tile_label)
+    def predictor(tile: torch.Tensor, tile_label: torch.Tensor | None) -> torch.Tensor:
+        recon, _ = model(tile, tile_label)
         return recon.float().clamp(-1, 1)
 
-    out = sliding_window_inference(inputs, roi_size=window, sw_batch_size=1, predictor=predictor, overlap=overlap,
-                                   mode="gaussian", sw_device=device, device="cpu")
+    out = tiled_apply(predictor, image_t, label_t, window=window, overlap=overlap, device=device, out_device="cpu")
     return unpad(out[0, 0].numpy(), pads)
 
 
@@ -87,7 +91,7 @@ def reconstruct_folder(cfg: DictConfig) -> list[Path]:
         native = np.asarray(normalizer.inverse(recon, params), dtype=np.float32)
         written.append(save_nifti(from_model_grid(native, grid, is_label=False), grid.original_affine,
                                   out_dir / path.name, overwrite=bool(cfg.overwrite)))
-        print(f"{path.name}: reconstructed -> {written[-1]}", flush=True)
+        log.info("%s: reconstructed -> %s", path.name, written[-1])
     return written
 
 

@@ -58,16 +58,6 @@ def set_malloc_mmap_threshold(mib: int = 4) -> bool:
         return False
 
 
-@torch.no_grad()
-def to_channels_last_3d(module: nn.Module) -> nn.Module:
-    """Store every 5D weight channels-last (NDHWC): the layout oneDNN and cuDNN run 3D convolutions in natively,
-    so fewer layout conversions (time and memory) happen per step. 2D weights are left as they are."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.dim() == 5:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
-    return module
-
-
 def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor | None:
     """Clip by global norm when max_norm > 0 (done by hand: Lightning does not clip under manual optimisation)."""
     if max_norm <= 0:

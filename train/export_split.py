@@ -1,7 +1,7 @@
 """Link the cases of one split of a training run (the held-out test cases by default) into a folder pair that the
 synthesis and evaluation CLIs read: `<out>/images/<case>.nii[.gz]` and `<out>/labels/<case>.nii[.gz]`.
 
-    python -m train.test_split run_dir=runs/diffusion-duke-1234 out=runs/eval-duke
+    python -m train.export_split run_dir=runs/diffusion-duke-1234 out=runs/eval-duke
 
 The data set and the split come from the run itself (`.hydra/config.yaml`, `split.json`), so the cases are the
 ones that run never trained on. Links, not copies: nothing of the data is duplicated.
@@ -47,7 +47,7 @@ def link_split(run_dir: Path, out: Path, split: str = "test", overwrite: bool = 
     return [case.case_id for case in cases]
 
 
-@hydra.main(version_base="1.3", config_path="../config", config_name="test_split")
+@hydra.main(version_base="1.3", config_path="../config", config_name="export_split")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     ids = link_split(Path(cfg.run_dir), Path(cfg.out), split=cfg.split, overwrite=bool(cfg.overwrite))

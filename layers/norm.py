@@ -1,6 +1,7 @@
-"""Spatially-adaptive normalisation (SPADE, Park et al. 2019): normalise features without affine parameters, then
-scale and shift them voxel by voxel with maps predicted from the label map. Used by the stage-1 SPADE decoder and
-by the stage-2 UNet decoder."""
+"""Normalisation layers of both stages: `group_norm` (GroupNorm whose group count divides the channel count) and
+SPADE (spatially-adaptive normalisation, Park et al. 2019: normalise features without affine parameters, then
+scale and shift them voxel by voxel with maps predicted from the label map), used by the stage-1 SPADE decoder
+and by the stage-2 UNet decoder."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def group_norm(channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
+    """GroupNorm whose group count always divides the channel count."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6, affine=affine)
 
 
 class SPADE(nn.Module):
@@ -35,7 +41,7 @@ class SPADE(nn.Module):
         conv = _CONV[spatial_dims]
         pad = kernel_size // 2
         self.spatial_dims = spatial_dims
-        self.norm = nn.GroupNorm(math.gcd(norm_groups, norm_channels), norm_channels, eps=1e-6, affine=False)
+        self.norm = group_norm(norm_channels, norm_groups, affine=False)
         self.shared = nn.Sequential(conv(label_channels, hidden_channels, kernel_size, padding=pad), nn.SiLU())
         self.to_gamma = conv(hidden_channels, norm_channels, kernel_size, padding=pad)
         self.to_beta = conv(hidden_channels, norm_channels, kernel_size, padding=pad)

@@ -1,4 +1,4 @@
-"""train.test_split: the held-out cases of a run linked as images/ + labels/ for ddpm.sample and evaluation."""
+"""train.export_split: the held-out cases of a run linked as images/ + labels/ for ddpm.sample and evaluation."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from dataset.layout import find_cases
 from dataset.split import make_split, write_split
-from train.test_split import link_split
+from train.export_split import link_split
 from utils.errors import UserError
 
 

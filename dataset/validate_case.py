@@ -1,4 +1,4 @@
-"""Checks on one image/label pair, shared by `dataset.checks` and the preprocessing cache.
+"""Checks on one image/label pair, shared by `dataset.validate` and the preprocessing cache.
 
 Every problem is a one-line `UserError` naming the file; the statistics of a good pair come back as `CaseStats`.
 """

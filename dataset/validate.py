@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from dataset import cache
-from dataset.case_checks import CaseStats, load_checked_case
 from dataset.geometry import model_grid_shape
 from dataset.intensity import build_normalizer
 from dataset.io import read_header
 from dataset.layout import Case, as_config, dataset_root, find_cases, required
+from dataset.validate_case import CaseStats, load_checked_case
 from utils.errors import UserError
 
 MODALITIES = ("ct", "mr")
@@ -152,7 +153,7 @@ def validate_dataset(cfg: Mapping) -> DatasetSummary:
     summary = DatasetSummary(name=str(cfg.name), modality=str(cfg.modality), root=root, layout=str(cfg.layout),
                              label_nc=int(cfg.label_nc), class_names=class_names(cfg),
                              spacing=[float(s) for s in cfg.spacing], cases=cases)
-    for case in cases:
+    for case in tqdm(cases, desc="checking", unit="case", leave=False, disable=None):  # a bar on a terminal
         summary.stats.append(check_case(case, cfg))
         shape, affine = read_header(case.image_path)
         summary.model_shapes.append(model_grid_shape(affine, shape[:3], cfg.spacing))

@@ -1,0 +1,326 @@
+"""The label-map generator: new integer label maps of a data set's classes, conditioned on lesion attributes.
+
+The same two stages as the image model, applied to label maps:
+1. `autoencoder`: the stage-1 network (`vq_gan_3d.model.VQGAN`, normal decoder) on the one-hot map: `label_nc`
+   input channels, `label_nc` logits out, a continuous (`kl`) or finite-scalar (`fsq`) latent. Loss: cross-entropy
+   plus `dice_weight` x soft Dice (mean over classes) plus the latent kind's regulariser; argmax at decode.
+2. `unet` (`AttributeUNet`): the stage-2 `ddpm.unet.UNet3D` (decoder=normal, no SPADE) on that latent scaled to
+   unit variance (`scale_factor`), conditioned on an attribute vector through an MLP whose output is added to the
+   UNet's time embedding. Training replaces the vector by a learned null vector at `cond_drop_prob` per sample,
+   so sampling can use classifier-free guidance. The normal decoder's concatenated condition channels carry the
+   latent voxel coordinates: the generator works on whole volumes of one shape, where position is anatomy.
+
+The attribute vector has, per lesion class (`dataset.attributes`, in the order of `lesion_classes`),
+log1p(volume in mL), the component count and the centroid (r, a, s) of the largest component in normalised body
+coordinates, each standardised with the training mean and standard deviation (`attribute_mean`/`attribute_std`
+buffers, set once from the training maps); an absent lesion's centroid is the training mean (0 once
+standardised). Generated maps sit on a RAS grid of the training spacing centred on the world origin
+(`grid_affine`).
+
+A label-generator checkpoint holds `"stage": "labels"`, `"labels": {"model": LabelGenerator.hparams, "dataset":
+utils.checkpoint.dataset_settings(...), "lesion_classes": {name: index}, "attribute_table": [{name: {volume_ml,
+count, centroid}} per training case], "volume_shape": [X, Y, Z], "split": {train, val, test} | None}` and the
+weights under `state_dict["model.*"]`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset.attributes import LesionAttributes
+from ddpm.conditioning import Condition
+from ddpm.latent_diffusion import ema_update
+from ddpm.samplers import SamplerSettings, gaussian, guided, run_sampler
+from ddpm.schedule import DiffusionSchedule
+from ddpm.unet import UNet3D
+from utils.atomic import atomic_path
+from utils.build import configurable
+from utils.checkpoint import load_weights, read_checkpoint, rebuild
+from utils.errors import UserError
+from vq_gan_3d.model import VQGAN
+
+STAGE = "labels"
+STATE_PREFIX = "model."
+LATENT_KINDS = ("kl", "fsq")
+FEATURES_PER_CLASS = 5  # log1p(volume mL), count, centroid r, a, s
+COORDINATE_CHANNELS = 3
+
+
+# attributes as vectors ---------------------------------------------------------------------------------------
+def attribute_vector(attributes: Mapping[str, LesionAttributes], lesion_names: Sequence[str]) -> np.ndarray:
+    """Raw features (float64, FEATURES_PER_CLASS per lesion class); NaN centroid for an absent lesion."""
+    values: list[float] = []
+    for name in lesion_names:
+        found = attributes[name]
+        centroid = found.centroid if found.centroid is not None else (math.nan,) * 3
+        values += [math.log1p(float(found.volume_ml)), float(found.count), *(float(c) for c in centroid)]
+    return np.asarray(values, dtype=np.float64)
+
+
+def attributes_to_plain(attributes: Mapping[str, LesionAttributes]) -> dict[str, dict]:
+    return {name: {"volume_ml": float(a.volume_ml), "count": int(a.count),
+                   "centroid": None if a.centroid is None else [float(c) for c in a.centroid]}
+            for name, a in attributes.items()}
+
+
+def attributes_from_plain(data: Mapping[str, Mapping]) -> dict[str, LesionAttributes]:
+    return {name: LesionAttributes(volume_ml=float(a["volume_ml"]), count=int(a["count"]),
+                                   centroid=None if a["centroid"] is None else tuple(float(c) for c in a["centroid"]))
+            for name, a in data.items()}
+
+
+def grid_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine of a generated map: voxel size `spacing`, the volume centred on the world origin."""
+    affine = np.diag([*(float(s) for s in spacing), 1.0])
+    affine[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1) / 2 * np.asarray(spacing, dtype=np.float64)
+    return affine
+
+
+def coordinate_grid(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """(1, 3, X, Y, Z) voxel-centre coordinates in [-1, 1] per axis."""
+    axes = [torch.linspace(-1.0, 1.0, int(n), device=like.device, dtype=like.dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def soft_dice_loss(logits: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of the soft Dice of softmax(logits) and the one-hot target, over the whole batch
+    (a class absent from both scores 1 thanks to the smoothing `eps`)."""
+    probs = logits.float().softmax(1)
+    dims = (0, *range(2, logits.dim()))
+    overlap = (probs * onehot).sum(dims)
+    total = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * overlap + eps) / (total + eps)).mean()
+
+
+# networks ----------------------------------------------------------------------------------------------------
+class AttributeUNet(nn.Module):
+    """`forward(x_t, t, attributes, drop=None)`: `ddpm.unet.UNet3D` (normal decoder) with an attribute vector
+    (B, n_attributes) embedded by an MLP and added to the time embedding (a forward hook on the UNet's
+    `time_mlp`, so the UNet itself is unchanged); rows where `drop` is true use the learned null vector."""
+
+    def __init__(self, *, in_channels: int, n_attributes: int, unet: Mapping[str, Any]):
+        super().__init__()
+        # label_nc + 1 condition channels are concatenated to the input: the three coordinate channels.
+        self.unet = UNet3D(in_channels=in_channels, label_nc=COORDINATE_CHANNELS - 1, decoder="normal",
+                           label_downsample=(1, 1, 1), **unet)
+        width = self.unet.base_channels
+        self.embed = nn.Sequential(nn.Linear(n_attributes, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
+        self.null_vector = nn.Parameter(torch.zeros(n_attributes))
+
+    @property
+    def required_multiple(self) -> int:
+        return self.unet.required_multiple
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, attributes: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        vector = attributes.to(x_t.dtype)
+        if drop is not None:
+            vector = torch.where(drop[:, None], self.null_vector.to(vector.dtype).expand_as(vector), vector)
+        embedding = self.embed(vector)
+        coordinates = coordinate_grid(x_t.shape[2:], x_t).expand(x_t.shape[0], -1, -1, -1, -1)
+        hook = self.unet.time_mlp.register_forward_hook(lambda _module, _inputs, temb: temb + embedding)
+        try:
+            return self.unet(x_t, t, Condition(levels=[coordinates]))
+        finally:
+            hook.remove()
+
+
+@configurable()
+class LabelGenerator(nn.Module):
+    """Built from `model.generator` (`utils.build.build`, config/model/labels.yaml) with `label_nc` and
+    `n_attributes` from the data set. `autoencoder` holds the `VQGAN` arguments other than the channels (fixed by
+    `label_nc`); `unet` the `UNet3D` arguments other than the decoder, channels and classes."""
+
+    def __init__(self, *, label_nc: int, n_attributes: int, autoencoder: Mapping[str, Any],
+                 unet: Mapping[str, Any], dice_weight: float, timesteps: int, beta_schedule: str, prediction: str,
+                 cond_drop_prob: float, ema_decay: float):
+        super().__init__()
+        kind = str(autoencoder.get("quantizer", "kl"))
+        if kind not in LATENT_KINDS:
+            raise ValueError(f"autoencoder.quantizer must be one of {list(LATENT_KINDS)}, got {kind!r}")
+        if n_attributes < 1:
+            raise ValueError("the generator needs at least one lesion class to condition on "
+                             "(set dataset.lesion_classes)")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if dice_weight < 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
+        self.label_nc = int(label_nc)
+        self.n_attributes = int(n_attributes)
+        self.autoencoder = VQGAN(in_channels=self.label_nc, label_nc=None, **autoencoder)
+        self.unet = AttributeUNet(in_channels=self.autoencoder.embedding_dim, n_attributes=self.n_attributes,
+                                  unet=unet)
+        self.ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.schedule = DiffusionSchedule(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction)
+        self.dice_weight = float(dice_weight)
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.ema_decay = float(ema_decay)
+        self.register_buffer("scale_factor", torch.tensor(float("nan")))
+        self.register_buffer("attribute_mean", torch.full((self.n_attributes,), float("nan")))
+        self.register_buffer("attribute_std", torch.full((self.n_attributes,), float("nan")))
+
+    def train(self, mode: bool = True) -> "LabelGenerator":
+        super().train(mode)
+        self.ema_unet.eval()
+        return self
+
+    @property
+    def image_multiple(self) -> tuple[int, int, int]:
+        """Every side of a generated map is divisible by this (autoencoder factor x UNet levels)."""
+        return tuple(int(f) * self.unet.required_multiple for f in self.autoencoder.downsample)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Both the latent scale and the attribute standardisation are set (the diffusion phase has started)."""
+        return bool(torch.isfinite(self.scale_factor)) and bool(torch.isfinite(self.attribute_mean).all())
+
+    # attributes --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_attributes(self, vectors: np.ndarray) -> None:
+        """Training mean and std of the raw attribute vectors (N, n_attributes), NaNs (absent centroids)
+        left out; a feature that never varies keeps std 1, one never measured mean 0."""
+        vectors = np.asarray(vectors, dtype=np.float64).reshape(-1, self.n_attributes)
+        present = np.isfinite(vectors)
+        counts = present.sum(0)
+        filled = np.where(present, vectors, 0.0)
+        mean = np.divide(filled.sum(0), counts, out=np.zeros(self.n_attributes), where=counts > 0)
+        spread = np.where(present, vectors - mean, 0.0)
+        std = np.sqrt(np.divide((spread**2).sum(0), counts, out=np.zeros(self.n_attributes), where=counts > 0))
+        self.attribute_mean.copy_(torch.from_numpy(mean))
+        self.attribute_std.copy_(torch.from_numpy(np.where(std > 1e-8, std, 1.0)))
+
+    def standardise(self, vectors: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw attribute vectors (B, n_attributes) -> the network's input (NaN -> 0, the training mean)."""
+        raw = torch.as_tensor(np.asarray(vectors, dtype=np.float32)).to(self.attribute_mean.device)
+        standard = (raw - self.attribute_mean) / self.attribute_std
+        return torch.nan_to_num(standard, nan=0.0)
+
+    # autoencoder -------------------------------------------------------------------------------------------
+    def onehot(self, label: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) or (B, X, Y, Z) ints -> (B, label_nc, X, Y, Z) float."""
+        if label.dim() == 5:
+            label = label[:, 0]
+        return F.one_hot(label.long(), self.label_nc).movedim(-1, 1).float()
+
+    def autoencoder_loss(self, label: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy + dice_weight x soft Dice + the latent regulariser of one batch of label maps."""
+        onehot = self.onehot(label)
+        logits, info = self.autoencoder(onehot)
+        target = onehot.argmax(1)
+        ce = F.cross_entropy(logits.float(), target)
+        dice = soft_dice_loss(logits, onehot)
+        regularizer = sum(info["regularizer"].values(), torch.zeros((), device=ce.device))
+        total = ce + self.dice_weight * dice + regularizer
+        with torch.no_grad():
+            accuracy = (logits.argmax(1) == target).float().mean()
+        return total, {"ce": ce.detach(), "soft_dice_loss": dice.detach(), "accuracy": accuracy,
+                       **{k: v.detach() for k, v in info["stats"].items()}}
+
+    @torch.no_grad()
+    def encode_unscaled(self, label: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(self.onehot(label)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> integer label maps (B, X, Y, Z) (argmax of the logits)."""
+        return self.autoencoder.decode(latent / self.scale_factor).argmax(1)
+
+    # diffusion ---------------------------------------------------------------------------------------------
+    def diffusion_loss(self, latent: torch.Tensor, attributes: torch.Tensor, *,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """L2 denoising loss on scaled latents at uniform timesteps; attributes (standardised) dropped to the
+        null vector at `cond_drop_prob` per sample."""
+        source = generator.device if generator is not None else latent.device
+        batch = latent.shape[0]
+        t = torch.randint(0, self.schedule.timesteps, (batch,), generator=generator, device=source).to(latent.device)
+        drop = (torch.rand(batch, generator=generator, device=source) < self.cond_drop_prob).to(latent.device)
+        noise = gaussian(latent.shape, generator=generator, device=latent.device)
+        return self.denoising_error(self.unet, latent, attributes, t, noise, drop).mean()
+
+    def denoising_error(self, unet: AttributeUNet, latent, attributes, t, noise, drop=None) -> torch.Tensor:
+        """(B,) mean squared error of `unet`'s prediction of the schedule's target."""
+        x_t = self.schedule.q_sample(latent, t, noise)
+        prediction = unet(x_t, t, attributes, drop).float()
+        return (prediction - self.schedule.training_target(latent, noise, t).float()).square().flatten(1).mean(1)
+
+    def update_ema(self, step: int) -> None:
+        ema_update(self.ema_unet, self.unet, self.ema_decay, step)
+
+    @torch.no_grad()
+    def sample(self, attributes: torch.Tensor, shape: Sequence[int], *, settings: SamplerSettings,
+               guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standardised attributes (B, n_attributes) -> integer label maps (B, X, Y, Z) of `shape`."""
+        if not self.is_fitted:
+            raise RuntimeError("the generator was never fitted (no latent scale or attribute statistics)")
+        if any(int(s) % m for s, m in zip(shape, self.image_multiple)):
+            raise ValueError(f"shape {list(shape)} must be divisible by {list(self.image_multiple)}")
+        attributes = attributes.to(self.scale_factor.device)
+        batch = attributes.shape[0]
+        latent_shape = (batch, self.autoencoder.embedding_dim,
+                        *(int(s) // int(f) for s, f in zip(shape, self.autoencoder.downsample)))
+        unet = self.ema_unet
+        if guidance_scale == 1.0:
+            def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
+                return unet(x_t, torch.full((batch,), t, device=x_t.device), attributes).float()
+        else:
+            both = torch.cat([attributes, attributes])
+            drop = torch.arange(2 * batch, device=both.device) >= batch
+
+            def pair(x_t: torch.Tensor, t: int) -> torch.Tensor:
+                return unet(x_t, torch.full((2 * batch,), t, device=x_t.device), both, drop).float()
+
+            denoise = guided(pair, guidance_scale)
+        noise = gaussian(latent_shape, generator=generator, device=self.scale_factor.device)
+        latent = run_sampler(settings, denoise, noise, self.schedule, generator=generator)
+        return self.decode(latent)
+
+
+# checkpoints -------------------------------------------------------------------------------------------------
+def checkpoint_metadata(model: LabelGenerator, *, dataset: Mapping, lesion_classes: Mapping[str, int],
+                        attribute_table: Sequence[Mapping[str, LesionAttributes]], volume_shape: Sequence[int],
+                        split: Mapping[str, Sequence[str]] | None) -> dict[str, Any]:
+    return {"model": dict(model.hparams), "dataset": dict(dataset),
+            "lesion_classes": {str(k): int(v) for k, v in lesion_classes.items()},
+            "attribute_table": [attributes_to_plain(row) for row in attribute_table],
+            "volume_shape": [int(s) for s in volume_shape],
+            "split": None if split is None else {k: list(v) for k, v in split.items()}}
+
+
+def save_label_generator(model: LabelGenerator, path: str | os.PathLike, *, overwrite: bool = False,
+                         **metadata: Any) -> Path:
+    """A weights-only label-generator file (`checkpoint_metadata` keywords) that `load_label_generator` reads."""
+    checkpoint = {"stage": STAGE, STAGE: checkpoint_metadata(model, **metadata),
+                  "state_dict": {STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+def load_label_generator(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                         ) -> tuple[LabelGenerator, dict[str, Any]]:
+    """The trained generator (eval mode, no gradients) and the checkpoint's `"labels"` metadata, with the
+    attribute table as `LesionAttributes`. Any problem with the file is a one-line `UserError` naming it."""
+    checkpoint = read_checkpoint(path, STAGE, map_location=map_location,
+                                 needed="labels_ckpt= needs the last.ckpt/best.ckpt of a train.train_labels run")
+    meta = dict(checkpoint[STAGE])
+    needed = {"model", "dataset", "lesion_classes", "attribute_table", "volume_shape"}
+    if not needed <= set(meta):
+        raise UserError(f"{path}: malformed label-generator checkpoint (missing {sorted(needed - set(meta))})")
+    model = rebuild(path, STAGE, meta["model"], [LabelGenerator])
+    load_weights(model, checkpoint["state_dict"], STATE_PREFIX, path, "label generator")
+    if not model.is_fitted:
+        raise UserError(f"{path}: saved before the generator's diffusion training started (autoencoder phase); "
+                        f"use a later checkpoint")
+    meta["attribute_table"] = [attributes_from_plain(row) for row in meta["attribute_table"]]
+    return model.to(map_location).eval().requires_grad_(False), meta

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The label-map generator (autoencoder of the label maps + attribute-conditioned latent diffusion).
+#   sbatch labels.sh dataset=duke model.split_ckpt=runs/vqgan-duke-1234/last.ckpt   (Slurm; overrides go to Hydra)
+#   bash labels.sh experiment=demo                                                  (this machine, no Slurm)
+# The #SBATCH lines below are defaults for one GPU; options on the sbatch command line win over them, e.g.
+#   sbatch -p PARTITION -A ACCOUNT --gpus-per-node=4 --ntasks-per-node=4 --nodes=2 labels.sh ...
+#   sbatch --gpus-per-node=0 --cpus-per-task=2 --mem=8G labels.sh ...   (CPU-only partition)
+# See docs/cluster.md. Create logs/ in the directory you submit from (Slurm does not create it).
+#SBATCH --job-name=labels
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=64G
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@90
+#SBATCH --requeue
+set -euo pipefail
+
+# Under sbatch this file runs from a copy in Slurm's spool directory: find the project through the job record.
+project_root() {
+    local here
+    here=$(dirname "${BASH_SOURCE[0]}")
+    if [[ -f $here/train/launch.sh ]]; then
+        cd "$here" && pwd
+    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
+        dirname "$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p')"
+    fi
+}
+root=$(project_root)
+if [[ ! -f ${root:-.}/train/launch.sh ]]; then
+    root=${SLURM_SUBMIT_DIR:-.}
+fi
+if [[ ! -f $root/train/launch.sh ]]; then
+    echo "error: cannot find the project (train/launch.sh); submit from the project directory" >&2
+    exit 2
+fi
+# shellcheck source=train/launch.sh
+source "$root/train/launch.sh"
+launch_stage train.train_labels "$@"
