@@ -5,7 +5,7 @@
 
 `paper`: the model settings of `config/model/diffusion.yaml` with the published code's 37 label classes and 500
 timesteps, the paper's stage 1 (`config/model/vqgan.yaml`). `demo`: the settings of `experiment=demo`.
-`--block resnet` builds the UNet from the published code's residual blocks (`model.unet.block=resnet`: 39.7M
+`--block resnet` builds the UNet from the published code's residual blocks (`model.diffusion.unet.block=resnet`: 39.7M
 parameters at the paper settings, the published 37.9M; the default block has 14.8M).
 
 Every case runs in its own child process, so each peak memory is that case's alone (CPU: the process's peak RSS,
@@ -89,12 +89,74 @@ def peak_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_child(spec: dict) -> dict:
+def time_training(model, label, latent_shape, spec: dict, device, autocast, gen) -> dict:
+    """Median time of a training step (forward, backward, AdamW, EMA) after one warm-up step, the peak memory,
+    then the stage-1 encoding of the batch timed on its own (after the peak was read)."""
     import torch
 
     from ddpm.latent_diffusion import denoising_loss, make_optimizer
+
+    batch, image_shape = spec["batch"], spec["image"]
+    model.train()
+    x0 = torch.randn(batch, *latent_shape, generator=gen).to(device)
+    optimizer = make_optimizer(model.unet, lr=1e-4, weight_decay=0.0)
+    times, cpu = [], []
+    for step in range(spec["steps"] + 1):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with autocast:
+            loss = denoising_loss(model.unet, model.schedule, x0, label, loss=model.loss_kind,
+                                  cond_drop_prob=model.cond_drop_prob, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_ema(step)
+        sync(device)
+        if step > 0:  # the first step pays one-off costs
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    result = dict(step_s=statistics.median(times), cpu_s_per_step=statistics.median(cpu), peak_gib=peak_gib(device))
+    with torch.no_grad(), autocast:
+        image = torch.rand(batch, 1, *image_shape, generator=gen).to(device) * 2 - 1
+        sync(device)
+        t0 = time.perf_counter()
+        model.encode(image)
+        sync(device)
+        result["encode_batch_s"] = time.perf_counter() - t0
+    return result
+
+
+def time_synthesis(model, label, spec: dict, device, autocast, built_gib: float) -> dict:
+    """One guided synthesis (sampling, then decoding) of the label map, after a warm-up run if `spec["warmup"]`,
+    with what `ddpm.sample` would estimate for it (it refuses volumes whose estimate exceeds free memory)."""
+    import torch
+
     from ddpm.samplers import SamplerSettings
     from ddpm.synthesis import estimate_bytes
+
+    model.eval()
+    settings = SamplerSettings(spec["sampler"], spec["steps"])
+    with torch.no_grad(), autocast:
+        runs = []
+        for _ in range(2 if spec["warmup"] else 1):
+            sync(device)
+            t0 = time.perf_counter()
+            latent = model.sample_latent(label, settings=settings, guidance_scale=GUIDANCE,
+                                         generator=torch.Generator().manual_seed(0))
+            sync(device)
+            t1 = time.perf_counter()
+            model.decode(latent, label)
+            sync(device)
+            runs.append((t1 - t0, time.perf_counter() - t1))
+    sample_s, decode_s = runs[-1]
+    return dict(estimated_gib=built_gib + estimate_bytes(model, spec["image"], GUIDANCE) / 2**30,
+                sampler=spec["sampler"], steps=spec["steps"], guidance_scale=GUIDANCE, sample_s=sample_s,
+                decode_s=decode_s, volume_s=sample_s + decode_s, guided_step_s=sample_s / spec["steps"])
+
+
+def run_child(spec: dict) -> dict:
+    import torch
+
     from vq_gan_3d.training import set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold()  # as the training and sampling entry points do
@@ -104,63 +166,16 @@ def run_child(spec: dict) -> dict:
     built_gib = peak_gib(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
-    image_shape = spec["image"]
-    batch = spec["batch"]
     gen = torch.Generator().manual_seed(0)
-    label = torch.randint(0, label_nc, (batch, 1, *image_shape), generator=gen).to(device)
-    latent_shape = model.vqgan.latent_shape(image_shape)
-    result = {"case": spec["name"], "image": image_shape, "latent": list(latent_shape), "batch": batch,
+    label = torch.randint(0, label_nc, (spec["batch"], 1, *spec["image"]), generator=gen).to(device)
+    latent_shape = model.vqgan.latent_shape(spec["image"])
+    result = {"case": spec["name"], "image": spec["image"], "latent": list(latent_shape), "batch": spec["batch"],
               "unet_params_m": sum(p.numel() for p in model.unet.parameters()) / 1e6,
               "rss_after_import_gib": imported_gib}
     if spec["kind"] == "train":
-        model.train()
-        x0 = torch.randn(batch, *latent_shape, generator=gen).to(device)
-        optimizer = make_optimizer(model.unet, lr=1e-4, weight_decay=0.0)
-        times, cpu = [], []
-        for step in range(spec["steps"] + 1):
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            with autocast:
-                loss = denoising_loss(model.unet, model.schedule, x0, label, loss=model.loss_kind,
-                                      cond_drop_prob=model.cond_drop_prob,
-                                      generator=torch.Generator().manual_seed(step))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.update_ema(step)
-            sync(device)
-            if step > 0:  # the first step pays one-off costs
-                times.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-        result.update(step_s=statistics.median(times), cpu_s_per_step=statistics.median(cpu),
-                      peak_gib=peak_gib(device))
-        with torch.no_grad(), autocast:  # stage-1 encoding, timed on its own (after the peak was read)
-            image = torch.rand(batch, 1, *image_shape, generator=gen).to(device) * 2 - 1
-            sync(device)
-            t0 = time.perf_counter()
-            model.encode(image)
-            sync(device)
-            result["encode_batch_s"] = time.perf_counter() - t0
+        result.update(time_training(model, label, latent_shape, spec, device, autocast, gen))
     else:
-        model.eval()
-        settings = SamplerSettings(spec["sampler"], spec["steps"])
-        with torch.no_grad(), autocast:
-            runs = []
-            for repeat in range(2 if spec["warmup"] else 1):
-                sync(device)
-                t0 = time.perf_counter()
-                latent = model.sample_latent(label, settings=settings, guidance_scale=GUIDANCE,
-                                             generator=torch.Generator().manual_seed(0))
-                sync(device)
-                t1 = time.perf_counter()
-                model.decode(latent, label)
-                sync(device)
-                runs.append((t1 - t0, time.perf_counter() - t1))
-        sample_s, decode_s = runs[-1]
-        # what ddpm.sample would estimate for this volume (it refuses volumes whose estimate exceeds free memory)
-        result["estimated_gib"] = built_gib + estimate_bytes(model, image_shape, GUIDANCE) / 2**30
-        result.update(sampler=spec["sampler"], steps=spec["steps"], guidance_scale=GUIDANCE, sample_s=sample_s,
-                      decode_s=decode_s, volume_s=sample_s + decode_s, guided_step_s=sample_s / spec["steps"])
+        result.update(time_synthesis(model, label, spec, device, autocast, built_gib))
     result.setdefault("peak_gib", peak_gib(device))
     return result
 
@@ -209,9 +224,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--block", choices=["default", "resnet"], default=None,
-                        help="UNet residual block (model.unet.block; default: the config's)")
+                        help="UNet residual block (model.diffusion.unet.block; default: the config's)")
     parser.add_argument("--override", nargs="*", default=[],
-                        help="Hydra overrides of the diffusion config, e.g. model.unet.num_res_blocks=1")
+                        help="Hydra overrides of the diffusion config, e.g. model.diffusion.unet.num_res_blocks=1")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -43,8 +43,7 @@ def mean_pairwise_ms_ssim(volumes: list[np.ndarray]) -> float:
     return float(np.mean([ms_ssim3d(a, b, data_range=2.0) for a, b in itertools.combinations(volumes, 2)]))
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--image", type=Path, default=None)
@@ -55,24 +54,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from benchmarks.make_counterfactual_figure import demo_cases
-    from dataset.crops import unpad
-    from dataset.io import load_nifti
-    from ddpm.checkpoint import load_diffusion
-    from ddpm.sample import output_seed
-    from ddpm.samplers import SamplerSettings
-    from ddpm.synthesis import Synthesizer
-    from utils.device import resolve_device
-
     if not args.ckpt.is_file():
         raise UserError(f"{args.ckpt}: checkpoint not found; train the demo first (bash demo.sh) or pass --ckpt")
     if (args.image is None) != (args.labels is None):
         raise UserError("--image and --labels go together (or give neither for demo cases)")
     if args.samples < 2:
         raise UserError(f"--samples {args.samples}: diversity needs at least 2 samples")
+    return args
+
+
+def measure_case(synth, image_path: Path, label_path: Path, case: str, rows: dict, args) -> None:
+    """Every setting's samples of one label map: their pairwise MS-SSIM, distance to the real scan, seconds."""
+    import torch
+
+    from dataset.crops import unpad
+    from dataset.io import load_nifti
+    from ddpm.sample import output_seed
+    from ddpm.samplers import SamplerSettings
+
+    labels, affine = load_nifti(label_path)
+    image, image_affine = load_nifti(image_path)
+    prepared = synth.prepare(labels, affine, str(label_path))
+    init = synth.prepare_init(image, image_affine, str(image_path), prepared)
+    real = unpad(init, prepared.pads)
+    for name, eta, guidance, strength in SETTINGS:
+        samples = []
+        for k in range(args.samples):
+            started = time.perf_counter()
+            samples.append(synth.sample(prepared, settings=SamplerSettings("ddim", args.steps, eta),
+                                        guidance_scale=guidance,
+                                        generator=torch.Generator().manual_seed(output_seed(0, k)),
+                                        init=init if strength < 1 else None, strength=strength))
+            rows[name]["seconds_per_sample"].append(time.perf_counter() - started)
+        rows[name]["ms_ssim"].append(mean_pairwise_ms_ssim(samples))
+        rows[name]["mae_to_real"].append(float(np.mean([np.abs(s - real).mean() for s in samples])))
+        print(f"{case}: {name}: pairwise MS-SSIM {rows[name]['ms_ssim'][-1]:.3f}, |sample - real| "
+              f"{rows[name]['mae_to_real'][-1]:.3f}", flush=True)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    from benchmarks.make_counterfactual_figure import demo_cases
+    from ddpm.checkpoint import load_diffusion
+    from ddpm.synthesis import Synthesizer
+    from utils.device import resolve_device
+
     cases = [(args.image, args.labels, args.image.name)] if args.image else demo_cases(args.ckpt, args.cases)
     device = resolve_device(args.device)
     model, meta = load_diffusion(args.ckpt, map_location=device)
@@ -80,24 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = {name: {"setting": name, "eta": eta, "guidance_scale": g, "strength": s, "ms_ssim": [], "mae_to_real": [],
                    "seconds_per_sample": []} for name, eta, g, s in SETTINGS}
     for image_path, label_path, case in cases:
-        labels, affine = load_nifti(label_path)
-        image, image_affine = load_nifti(image_path)
-        prepared = synth.prepare(labels, affine, str(label_path))
-        init = synth.prepare_init(image, image_affine, str(image_path), prepared)
-        real = unpad(init, prepared.pads)
-        for name, eta, guidance, strength in SETTINGS:
-            samples = []
-            for k in range(args.samples):
-                started = time.perf_counter()
-                samples.append(synth.sample(prepared, settings=SamplerSettings("ddim", args.steps, eta),
-                                            guidance_scale=guidance,
-                                            generator=torch.Generator().manual_seed(output_seed(0, k)),
-                                            init=init if strength < 1 else None, strength=strength))
-                rows[name]["seconds_per_sample"].append(time.perf_counter() - started)
-            rows[name]["ms_ssim"].append(mean_pairwise_ms_ssim(samples))
-            rows[name]["mae_to_real"].append(float(np.mean([np.abs(s - real).mean() for s in samples])))
-            print(f"{case}: {name}: pairwise MS-SSIM {rows[name]['ms_ssim'][-1]:.3f}, |sample - real| "
-                  f"{rows[name]['mae_to_real'][-1]:.3f}", flush=True)
+        measure_case(synth, image_path, label_path, case, rows, args)
     results = []
     print(f"\n{'setting':<26} {'MS-SSIM (lower = more diverse)':>31} {'|sample - real|':>16} {'s/sample':>9}")
     for row in rows.values():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import sys
@@ -42,6 +43,8 @@ if str(PROJECT_ROOT) not in sys.path:
 from benchmarks.common import sync  # noqa: E402
 from layers.memory_format import to_channels_last_3d  # noqa: E402
 from utils.build import build  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
+from utils.errors import exit_on_user_error  # noqa: E402
 from utils.paths import CONFIG_DIR  # noqa: E402
 from vq_gan_3d.training import StageTimer, training_iteration  # noqa: E402
 
@@ -95,7 +98,7 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=[*PAPER_CONFIGS, "demo"], default="paper")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -108,56 +111,47 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stage-1 latent kind (default: the config's)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: PyTorch's default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.channels_last=false")
-    args = parser.parse_args(argv)
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="extra Hydra overrides, e.g. model.channels_last=false")
+    return parser.parse_args(argv)
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+
+def benchmark_config(args: argparse.Namespace, workdir: Path):
+    """The composed config of the run: preset, quantizer, perceptual backbone (a random VGG16 written to
+    `workdir` for `vgg16`) and the extra overrides."""
     overrides = list(args.override) + ([f"model.vqgan.quantizer={args.quantizer}"] if args.quantizer else [])
-    workdir = tempfile.TemporaryDirectory()
     if args.perceptual == "vgg16":
-        path = Path(workdir.name) / "vgg16_features.pt"
+        path = workdir / "vgg16_features.pt"
         torch.jit.save(torch.jit.script(VGG16Features().eval()), str(path))
         overrides += ["model.loss.perceptual_backbone=torchscript", f"model.loss.perceptual_path={path}"]
     elif args.perceptual == "none":
         overrides += ["model.loss.perceptual_weight=0"]
-    cfg = compose_config(args.config, overrides)
-    paper = args.config in PAPER_CONFIGS
-    crop = list(args.crop) if args.crop else (PAPER_CROP if paper else list(cfg.dataset.crop_size))
-    batch = args.batch or int(cfg.dataset.batch_size)
-    m = cfg.model
+    return compose_config(args.config, overrides)
 
+
+def build_models(m, device: torch.device, compile_networks: bool):
+    """Stage 1, its loss (discriminators, perceptual network) and both optimisers, as training builds them."""
     torch.manual_seed(0)
     vqgan = build(m.vqgan, "model.vqgan").to(device)
     loss = build(m.loss, "model.loss").to(device)
-    channels_last = bool(m.channels_last)
-    if channels_last:
+    if m.channels_last:
         to_channels_last_3d(vqgan)
         to_channels_last_3d(loss)
-    if args.compile:
+    if compile_networks:
         vqgan.encoder = torch.compile(vqgan.encoder)
         vqgan.decoder = torch.compile(vqgan.decoder)
     betas = tuple(float(b) for b in m.betas)
     opt_g = torch.optim.Adam(vqgan.parameters(), lr=float(m.lr), betas=betas)
     disc_params = [p for d in loss.discriminators() for p in d.parameters()]
     opt_d = torch.optim.Adam(disc_params, lr=float(m.disc_lr), betas=betas) if disc_params else None
+    return vqgan, loss, opt_g, opt_d
 
-    gen = torch.Generator().manual_seed(0)
-    image = (torch.rand(batch, 1, *crop, generator=gen) * 2 - 1).to(device)
-    label = torch.randint(0, int(cfg.dataset.label_nc), (batch, 1, *crop), generator=gen).to(device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last_3d)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats()
 
+def time_training(models, image, label, m, steps: int, device: torch.device, autocast):
+    """Per timed iteration (after one warm-up): generator seconds, discriminator seconds, process CPU seconds."""
+    vqgan, loss, opt_g, opt_d = models
     g_times, d_times, cpu_times = [], [], []
-    for step in range(args.steps + 1):
+    for step in range(steps + 1):
         timer = StageTimer(device)
         cpu0 = time.process_time()
         with autocast:
@@ -171,36 +165,81 @@ def main(argv: list[str] | None = None) -> dict:
             cpu_times.append(time.process_time() - cpu0)
         print(f"iteration {step}{' (warm-up)' if step == 0 else ''}: generator {g_s:.3f} s, "
               f"discriminator {d_s:.3f} s, CPU time {time.process_time() - cpu0:.2f} s", flush=True)
+    return g_times, d_times, cpu_times
 
+
+@torch.no_grad()
+def time_codec(vqgan, image, label, device: torch.device, autocast, repeats: int = 3) -> tuple[float, float]:
+    """Fastest of `repeats` encodes and decodes of one volume (seconds)."""
     vqgan.eval()
-    one = image[:1]
     enc_times, dec_times = [], []
-    with torch.no_grad(), autocast:
-        for _ in range(3):
+    with autocast:
+        for _ in range(repeats):
             sync(device)
             t0 = time.perf_counter()
-            z = vqgan.encode(one)
+            z = vqgan.encode(image)
             sync(device)
             t1 = time.perf_counter()
-            vqgan.decode(z, label[:1] if vqgan.is_spade else None)
+            vqgan.decode(z, label if vqgan.is_spade else None)
             sync(device)
-            t2 = time.perf_counter()
             enc_times.append(t1 - t0)
-            dec_times.append(t2 - t1)
+            dec_times.append(time.perf_counter() - t1)
+    return min(enc_times), min(dec_times)
+
+
+def print_report(result: dict) -> None:
+    g, d = result["generator_s"], result["discriminator_s"]
+    print(f"per iteration: generator {g:.3f} s + discriminator {d:.3f} s = {g + d:.3f} s; "
+          f"{result['voxels_per_s']:.0f} voxels/s; peak RSS {result['peak_rss_gib']:.2f} GiB"
+          + (f"; CUDA peak {result['cuda_peak_allocated_gib']:.2f} GiB" if "cuda_peak_allocated_gib" in result else ""))
+    print(f"one volume {result['crop']}: encode {result['encode_one_volume_s']:.3f} s, "
+          f"decode {result['decode_one_volume_s']:.3f} s")
+    if "speedup_vs_published" in result:
+        print(f"vs published code (12.9 s, 2.2 GiB): {result['speedup_vs_published']:.2f}x faster, "
+              f"{result['peak_rss_fraction_of_published']:.2f}x the peak memory")
+    print(json.dumps(result))
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = benchmark_config(args, Path(workdir))
+        paper = args.config in PAPER_CONFIGS
+        crop = list(args.crop) if args.crop else (PAPER_CROP if paper else list(cfg.dataset.crop_size))
+        batch = args.batch or int(cfg.dataset.batch_size)
+        m = cfg.model
+        models = build_models(m, device, args.compile)
+        vqgan, loss = models[:2]
+
+        gen = torch.Generator().manual_seed(0)
+        image = (torch.rand(batch, 1, *crop, generator=gen) * 2 - 1).to(device)
+        label = torch.randint(0, int(cfg.dataset.label_nc), (batch, 1, *crop), generator=gen).to(device)
+        if m.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.reset_peak_memory_stats()
+        g_times, d_times, cpu_times = time_training(models, image, label, m, args.steps, device, autocast)
+        encode_s, decode_s = time_codec(vqgan, image[:1], label[:1], device, autocast)
 
     g, d = median(g_times), median(d_times)
-    voxels = batch * crop[0] * crop[1] * crop[2]
     result = {
         "config": args.config, "quantizer": str(m.vqgan.quantizer), "device": args.device,
-        "threads": torch.get_num_threads(), "crop": crop,
-        "batch": batch, "perceptual": args.perceptual if args.perceptual != "config" else str(m.loss.perceptual_backbone),
-        "channels_last": channels_last, "gradient_checkpointing": bool(m.vqgan.gradient_checkpointing),
+        "threads": torch.get_num_threads(), "crop": crop, "batch": batch,
+        "perceptual": args.perceptual if args.perceptual != "config" else str(m.loss.perceptual_backbone),
+        "channels_last": bool(m.channels_last), "gradient_checkpointing": bool(m.vqgan.gradient_checkpointing),
         "slices_per_volume": int(m.loss.slices_per_volume), "compile": args.compile,
         "autoencoder_params_m": params_m(vqgan), "disc_2d_params_m": params_m(loss.disc_2d),
         "disc_3d_params_m": params_m(loss.disc_3d), "perceptual_params_m": params_m(loss.perceptual),
 
-        "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": voxels / (g + d),
-        "encode_one_volume_s": min(enc_times), "decode_one_volume_s": min(dec_times),
+        "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": batch * math.prod(crop) / (g + d),
+        "encode_one_volume_s": encode_s, "decode_one_volume_s": decode_s,
         "peak_rss_gib": rss_gib(),
         # CPU seconds of this process per iteration (all threads): less sensitive than wall time to other
         # processes sharing the cores; about threads x wall time on an idle machine.
@@ -212,15 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     if paper and device.type == "cpu" and crop == BASELINE["crop"] and batch == BASELINE["batch"]:
         result["speedup_vs_published"] = BASELINE["iteration_s"] / result["iteration_s"]
         result["peak_rss_fraction_of_published"] = result["peak_rss_gib"] / BASELINE["peak_rss_gib"]
-    print(f"per iteration: generator {g:.3f} s + discriminator {d:.3f} s = {g + d:.3f} s; "
-          f"{result['voxels_per_s']:.0f} voxels/s; peak RSS {result['peak_rss_gib']:.2f} GiB"
-          + (f"; CUDA peak {result['cuda_peak_allocated_gib']:.2f} GiB" if "cuda_peak_allocated_gib" in result else ""))
-    print(f"one volume {crop}: encode {result['encode_one_volume_s']:.3f} s, decode {result['decode_one_volume_s']:.3f} s")
-    if "speedup_vs_published" in result:
-        print(f"vs published code (12.9 s, 2.2 GiB): {result['speedup_vs_published']:.2f}x faster, "
-              f"{result['peak_rss_fraction_of_published']:.2f}x the peak memory")
-    print(json.dumps(result))
-    workdir.cleanup()
+    print_report(result)
     return result
 
 

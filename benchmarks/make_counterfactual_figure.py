@@ -67,8 +67,7 @@ def choose_case(args, class_index: int) -> tuple[Path, Path, str]:
     raise UserError(f"no demo case holds class {class_index}; pass --class-index or --image/--labels")
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True, help="stage-2 checkpoint (runs/diffusion-demo/last.ckpt)")
     parser.add_argument("--image", type=Path, default=None, help="real scan (default: a held-out demo case)")
@@ -90,8 +89,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "assets" / "counterfactual.png")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
     import torch
 
     from dataset.io import load_nifti

@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from dataset.geometry import GridInfo, to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.layout import Case, as_config, required
 from dataset.validate_case import CaseStats, load_checked_case
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 from utils.paths import cache_dir
 
@@ -112,22 +112,13 @@ def _refuse_data_folder(folder: Path, case: Case) -> None:
 
 def _write_entry(entry: PreprocessedCase, case: Case, folder: Path) -> None:
     _refuse_data_folder(folder, case)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         np.save(tmp / "image.npy", entry.image)
         np.save(tmp / "label.npy", entry.label)
         np.save(tmp / "foreground.npy", entry.foreground)
         meta = {"case_id": case.case_id, "grid_info": entry.grid_info.to_dict(),
                 "intensity_params": entry.intensity_params, "stats": entry.stats.to_dict()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process wrote the same entry first: keep theirs
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     stale = re.compile(re.escape(case.case_id) + r"-[0-9a-f]{16}")
     for other in folder.parent.iterdir():
         if other != folder and stale.fullmatch(other.name):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from dataset.attributes import REQUEST_KEYS, as_row, check_requested, draw_attributes, measure
 from dataset.io import save_nifti
 from dataset.layout import LAYOUT_FOLDERS
+from dataset.validate import class_names
 from ddpm.checkpoint import file_sha256, load_diffusion
 from ddpm.label_generator import attribute_vector, grid_affine, load_label_generator
 from ddpm.sample import resolve_device, sampler_settings, versions
@@ -68,15 +69,10 @@ def request_values(cfg: DictConfig) -> dict:
             for key in REQUEST_KEYS}
 
 
-def class_names(dataset: Mapping) -> list[str]:
-    names = dataset.get("class_names")
-    return list(names) if names else ["background"] + [f"class_{i}" for i in range(1, int(dataset["label_nc"]))]
-
-
 def nnunet_dataset_json(dataset: Mapping, n: int) -> dict:
     """nnU-Net v2's dataset.json for the generated training cases."""
     return {"channel_names": {"0": NNUNET_CHANNEL[str(dataset["modality"])]},
-            "labels": {name: index for index, name in enumerate(class_names(dataset))},
+            "labels": {name: index for index, name in enumerate(class_names(OmegaConf.create(dict(dataset))))},
             "numTraining": n, "file_ending": ".nii.gz"}
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from dataset import cache
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE
 from dataset.layout import as_config
 from layers.tiling import encode_tiled
+from utils.atomic import atomic_folder
 from utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -128,20 +127,10 @@ class LatentCache:
         return len(missing)
 
     def _write(self, entry: Path, latent: np.ndarray, pads: list[list[int]]) -> None:
-        folder = self.folder(entry)
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=self.root))
-        try:
+        with atomic_folder(self.folder(entry)) as tmp:
             np.save(tmp / "latent.npy", latent)
             (tmp / "meta.json").write_text(json.dumps({"pads": pads, "latent_shape": list(latent.shape),
                                                        "key": self.key}))
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process wrote the same entry first: keep theirs
-                if not (folder / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def read(self, entry: Path) -> tuple[np.ndarray, list[list[int]]]:
         folder = self.folder(entry)

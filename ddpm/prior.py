@@ -16,6 +16,7 @@ units and dtype.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,11 +26,14 @@ import torch
 
 from dataset.io import load_nifti, read_header
 from ddpm.inpaint import InpaintSettings, inpaint_volume
+from ddpm.repaint import REPAINT_SAMPLERS
 from ddpm.samplers import SamplerSettings
 from ddpm.synthesis import Synthesizer
 from utils.errors import UserError
 
 AFFINE_TOLERANCE_MM = 1e-3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,17 @@ def plan(cfg, label_files: list[Path], prior_files: dict[Path, Path]) -> dict[Pa
 
 def inpaint_settings(settings: SamplerSettings, guidance_scale: float, resample: int, timesteps: int
                      ) -> InpaintSettings:
-    """The sampler settings of `ddpm.sample` as inpainting settings (no margin: the kept slices stay exact)."""
+    """The sampler settings of `ddpm.sample` as inpainting settings (no margin: the kept slices stay exact).
+    RePaint steps one timestep at a time (ddpm or ddim); a multistep sampler (dpmpp_2m, the sampling default)
+    becomes ddim with the same steps, logged."""
     if resample < 0:
         raise UserError(f"prior_resample={resample}: must be >= 0")
-    inpaint = InpaintSettings(sampler=settings.name, steps=settings.steps, eta=settings.eta,
+    sampler = settings.name
+    if sampler not in REPAINT_SAMPLERS:
+        sampler = "ddim"
+        log.info("prior_slices: sampler=%s is multistep, RePaint needs ddpm or ddim; using ddim with %d steps",
+                 settings.name, settings.steps)
+    inpaint = InpaintSettings(sampler=sampler, steps=settings.steps, eta=settings.eta,
                               guidance_scale=guidance_scale, strength=1.0, resample=resample, margin_mm=0.0)
     inpaint.check(timesteps)
     return inpaint

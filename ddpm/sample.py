@@ -1,4 +1,4 @@
-"""Synthesis CLI: `python -m ddpm.sample ckpt=DIFF.ckpt labels=DIR_OR_FILE out=DIR [sampler=ddim steps=50
+"""Synthesis CLI: `python -m ddpm.sample ckpt=DIFF.ckpt labels=DIR_OR_FILE out=DIR [sampler=dpmpp_2m steps=25
 guidance_scale=1.0 seed=0 n_per_label=1 eta=0.0 preview=false real=null save_progress=false overwrite=false
 window=null window_overlap=0.25 window_batch=4 init_image=null strength=1.0 prior_image=null prior_slices=null]`.
 
@@ -221,7 +221,7 @@ def synthesize_one(cfg: DictConfig, synth: Synthesizer, prepared: PreparedLabel,
         "window": list(grid.size), "windows": len(grid), "window_overlap": synth.window_overlap, "window_batch": synth.windows_per_call,
         "init_image": init_name, "strength": strength,
         **({} if prior is None else {"prior_image": Path(prior.names[0]).name, "prior_slices": list(prior.slices),
-                                     "resample": prior.settings.resample}),
+                                     "resample": prior.settings.resample, "sampler": prior.settings.sampler}),
         "model_grid_shape": [int(s) for s in prepared.model_shape], "model_spacing_mm": spacing,
         "modality": synth.modality, "dtype": str(native.dtype), "versions": versions(),
     }

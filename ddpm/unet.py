@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +189,19 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def check_settings(*, decoder: str, block: str, resnet_kernel: Sequence[int], n_levels: int,
+                   attention_levels: Sequence[int]) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    kernel = [int(k) for k in resnet_kernel]
+    if len(kernel) != 3 or any(k < 1 or k % 2 == 0 for k in kernel):
+        raise ValueError(f"resnet_kernel needs three odd sizes (X, Y, Z), got {kernel}")
+    if any(not 0 <= level < n_levels for level in attention_levels):
+        raise ValueError(f"attention_levels must index the {n_levels} levels, got {list(attention_levels)}")
+
+
 @configurable()
 class UNet3D(nn.Module):
     """`forward(x_t, t, condition) -> prediction` with x_t (B, in_channels, X, Y, Z) on the latent grid (each side
@@ -205,19 +218,11 @@ class UNet3D(nn.Module):
                  spade_kernel_size: int = 1, label_downsample: Sequence[int] = (4, 4, 4),
                  gradient_checkpointing: bool = False):
         super().__init__()
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-        resnet_kernel = [int(k) for k in resnet_kernel]
-        if len(resnet_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in resnet_kernel):
-            raise ValueError(f"resnet_kernel needs three odd sizes (X, Y, Z), got {resnet_kernel}")
-        n_levels = len(channel_mult)
-        if any(not 0 <= level < n_levels for level in attention_levels):
-            raise ValueError(f"attention_levels must index the {n_levels} levels, got {list(attention_levels)}")
+        check_settings(decoder=decoder, block=block, resnet_kernel=resnet_kernel, n_levels=len(channel_mult),
+                       attention_levels=attention_levels)
         self.label_nc = label_nc
         self.decoder = decoder
-        self.n_levels = n_levels
+        self.n_levels = len(channel_mult)
         self.label_downsample = tuple(int(f) for f in label_downsample)
         self.gradient_checkpointing = gradient_checkpointing
         channels = [base_channels * int(m) for m in channel_mult]
@@ -228,7 +233,8 @@ class UNet3D(nn.Module):
         n_classes = label_nc + 1  # + the null condition
         if decoder == "spade":
             self.mask_compressor = LatentMaskCompressor(num_classes=n_classes, out_channels=mask_channels,
-                                                  hidden_channels=mask_hidden_channels, downsample=label_downsample)
+                                                        hidden_channels=mask_hidden_channels,
+                                                        downsample=label_downsample)
             spade = dict(label_channels=mask_channels, hidden_channels=spade_hidden_channels,
                          kernel_size=spade_kernel_size)
             input_channels = in_channels
@@ -236,21 +242,33 @@ class UNet3D(nn.Module):
             self.mask_compressor = None
             spade = None
             input_channels = in_channels + n_classes
-        n_norms = itertools.count()
-        common = dict(temb_channels=temb, norm_groups=norm_groups, dropout=dropout, norms=n_norms)
+        common = dict(temb_channels=temb, norm_groups=norm_groups, dropout=dropout, norms=itertools.count())
+        kernel = [int(k) for k in resnet_kernel]
 
         def res_block(in_ch: int, out_ch: int, spade_settings: dict | None) -> nn.Module:
             if block == "resnet":
-                return ConvResBlock(in_channels=in_ch, out_channels=out_ch, kernel_size=resnet_kernel,
+                return ConvResBlock(in_channels=in_ch, out_channels=out_ch, kernel_size=kernel,
                                     spade=spade_settings, **common)
             return ConvNeXtBlock(in_channels=in_ch, out_channels=out_ch, group_width=group_width,
                                  expansion=expansion, spade=spade_settings, **common)
 
         attention = dict(head_channels=head_channels, norm_groups=norm_groups)
-
+        # Built in this order (the order of the random initialisation): input conv, encoder, middle, decoder.
         self.conv_in = nn.Conv3d(input_channels, channels[0], 3, padding=1)
-        # Skips: the input conv, every encoder block (after its level's attention for the last one) and every
-        # downsampling; the decoder consumes them in reverse, one per block.
+        skips = self._build_encoder(channels, num_res_blocks, attention_levels, res_block, attention, group_width)
+        ch = channels[-1]
+        self.middle = nn.ModuleList([res_block(ch, ch, spade), Attention(ch, **attention), res_block(ch, ch, spade)])
+        self._build_decoder(channels, num_res_blocks, attention_levels, skips, lambda i, o: res_block(i, o, spade),
+                            attention, group_width)
+        self.norm_out = group_norm(channels[0], norm_groups)
+        self.conv_out = zero_init(nn.Conv3d(channels[0], in_channels, 3, padding=1))
+
+    def _build_encoder(self, channels: list[int], num_res_blocks: int, attention_levels: Sequence[int],
+                       res_block: Callable, attention: dict, group_width: int) -> list[int]:
+        """`down`: per level `num_res_blocks` blocks (GroupNorm: the encoder sees only the noisy latent), the
+        level's attention, a downsampling. Returns the widths of the skips, pushed by the input conv, every
+        block (after its level's attention for the last one) and every downsampling; the decoder consumes them
+        in reverse, one per block."""
         self.down: nn.ModuleList = nn.ModuleList()
         self.down_pushes_skip: list[bool] = []
         skips = [channels[0]]
@@ -265,18 +283,23 @@ class UNet3D(nn.Module):
             if attend:
                 self.down.append(Attention(ch, **attention))
                 self.down_pushes_skip.append(True)
-            if level < n_levels - 1:
+            if level < len(channels) - 1:
                 self.down.append(Downsample(ch, group_width))
                 self.down_pushes_skip.append(True)
                 skips.append(ch)
-        self.middle = nn.ModuleList([res_block(ch, ch, spade), Attention(ch, **attention), res_block(ch, ch, spade)])
+        return skips
+
+    def _build_decoder(self, channels: list[int], num_res_blocks: int, attention_levels: Sequence[int],
+                       skips: list[int], res_block: Callable, attention: dict, group_width: int) -> None:
+        """`up`: per level (coarsest first) `num_res_blocks + 1` label-aware blocks, each fed one skip, the
+        level's attention, an upsampling."""
         self.up: nn.ModuleList = nn.ModuleList()
         self.up_levels: list[int] = []
         self.up_takes_skip: list[bool] = []
-        for level in reversed(range(n_levels)):
+        ch = channels[-1]
+        for level in reversed(range(len(channels))):
             for _ in range(num_res_blocks + 1):
-                skip = skips.pop()
-                self.up.append(res_block(ch + skip, channels[level], spade))
+                self.up.append(res_block(ch + skips.pop(), channels[level]))
                 self.up_levels.append(level)
                 self.up_takes_skip.append(True)
                 ch = channels[level]
@@ -288,8 +311,6 @@ class UNet3D(nn.Module):
                 self.up.append(Upsample(ch, group_width))
                 self.up_levels.append(level)
                 self.up_takes_skip.append(False)
-        self.norm_out = group_norm(ch, norm_groups)
-        self.conv_out = zero_init(nn.Conv3d(ch, in_channels, 3, padding=1))
 
     @property
     def required_multiple(self) -> int:

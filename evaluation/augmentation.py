@@ -14,18 +14,22 @@ training split drawn with `subset_seed`, or `all`) times arms:
 - `real+syn`: plus scans synthesised from those cases' own label maps (`synthetic.train`: `<case>_syn<k>`);
 - `real+edited`: plus scans synthesised from edited copies of those cases' label maps (`synthetic.edited_labels`:
   `<case>_edit<j>`, `synthetic.edited`: `<case>_edit<j>_syn<k>`);
-- `real+generated`: plus scans synthesised from label maps of a label-map generator (`synthetic.generated_labels`,
-  `synthetic.generated`); skipped with a reason while `train.train_labels` does not exist.
+- `real+generated`: plus pairs of the label-map generator (`python -m ddpm.generate ... out=DIR`:
+  `synthetic.generated_labels=DIR/labels`, `synthetic.generated=DIR/images`, a scan named as its map or
+  `<map>_syn<k>`); skipped with a reason when not given.
 A regime uses only the synthetic scans whose label maps come from its own real cases. Every arm is trained with
-each of `seeds`; all are scored on the real test cases (the test split trains nothing; synthetic scans of test
-or validation cases are never training data), per class, the lesion class first, with a paired case bootstrap
-(`evaluation.stats`) and the difference to `real`. Mask fidelity: the all-real segmenters on the synthetic scans
-of the test label maps (`synthetic.test`) vs the real test scans, ratio synthetic / real per class.
+each of `seeds` (`evaluation.segmenter`, settings: the `segmenter` group, config/segmenter/default.yaml), each
+segmenter selecting its weights on the whole validation split, whatever its regime; all are scored on the real
+test cases (the test split trains nothing; synthetic scans of test or validation cases are never training data),
+per class, the lesion class first, with a paired case bootstrap (`evaluation.stats`) and the difference to
+`real`. The headline (lesion) class is one of `dataset.lesion_classes` when the data set names any, the classes
+the segmenter's crops and model selection favour. Mask fidelity: the all-real segmenters on the synthetic scans
+of the test label maps (`synthetic.test`, as `evaluation.segmentation` pairs them) vs the real test scans, ratio
+synthetic / real per class.
 Writes `augmentation.json`, `augmentation.csv` and `augmentation.png` (lesion Dice vs number of real cases).
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import zlib
@@ -46,10 +50,9 @@ from dataset.geometry import to_model_grid
 from dataset.io import load_nifti
 from dataset.validate import class_names, validate_dataset
 from evaluation import figures
-from evaluation.metrics import mean_dice
-from evaluation.pairing import SYNTHETIC_STEM, list_nifti, source_stem
+from evaluation.pairing import SYNTHETIC_STEM, list_nifti, nifti_stem, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
-from evaluation.segmentation import load_split
+from evaluation.segmentation import case_mean, list_synthetic, load_split, synthetic_volumes
 from evaluation.segmenter import Volume, evaluate_dice, preprocess_synthetic, train_segmenter
 from evaluation.stats import paired_bootstrap
 from utils.atomic import check_writable
@@ -105,12 +108,14 @@ class SyntheticScan:
 
 def match_scans(scans: dict[str, Path], labels: dict[str, Path] | None, kind: str) -> list[SyntheticScan]:
     """Pair scans `<map>_syn<k>` with their label maps. kind "syn": the map is the real case's own
-    (`labels` None); "edited": `<case>_edit<j>` maps; "generated": maps that come from no case."""
+    (`labels` None); "edited": `<case>_edit<j>` maps; "generated": maps that come from no case, the scan also
+    named as its map (`ddpm.generate`'s images/ and labels/)."""
     out = []
     for stem, path in scans.items():
         match = SYNTHETIC_STEM.match(stem)
-        if match is None:
-            raise UserError(f"{path}: a synthetic scan must be named <label map>_syn<k>.nii.gz")
+        if match is None and not (kind == "generated" and stem in labels):
+            raise UserError(f"{path}: a synthetic scan must be named <label map>_syn<k>.nii.gz"
+                            + (" or as its label map" if kind == "generated" else ""))
         if labels is None:
             out.append(SyntheticScan(stem, path, None, match["source"]))
             continue
@@ -153,10 +158,6 @@ def check_training_set(real_ids: Sequence[str], scans: Sequence[SyntheticScan], 
         raise UserError(f"augmentation: a training set holds test case(s) {sorted(used & test)[:3]}")
 
 
-def label_generator_available() -> bool:
-    return importlib.util.find_spec("train.train_labels") is not None
-
-
 # classes ------------------------------------------------------------------------------------------------------
 def resolve_class(entry, names: list[str], key: str, *, allow_background: bool = False) -> int:
     """A class given by name (of dataset.class_names) or by index."""
@@ -169,12 +170,18 @@ def resolve_class(entry, names: list[str], key: str, *, allow_background: bool =
 
 
 def headline_class(cfg, names: list[str]) -> int:
-    if cfg.lesion_class is not None:
-        return resolve_class(cfg.lesion_class, names, "lesion_class")
+    """`lesion_class`, else the first of `dataset.lesion_classes`; with lesion classes it must be one of them
+    (the segmenter centres its class crops on them and selects its weights on their Dice)."""
     classes = lesion_classes(cfg.dataset)
-    if not classes:
-        raise UserError("lesion_class: set it (a class name or index), or dataset.lesion_classes")
-    return next(iter(classes.values()))
+    if cfg.lesion_class is None:
+        if not classes:
+            raise UserError("lesion_class: set it (a class name or index), or dataset.lesion_classes")
+        return next(iter(classes.values()))
+    lesion = resolve_class(cfg.lesion_class, names, "lesion_class")
+    if classes and lesion not in classes.values():
+        raise UserError(f"lesion_class: {names[lesion]} is not one of dataset.lesion_classes ({', '.join(classes)}),"
+                        " the classes the segmenter's crops and model selection favour; make it one")
+    return lesion
 
 
 def class_order(names: list[str], lesion: int) -> list[int]:
@@ -299,22 +306,21 @@ def synthetic_pools(cfg, split) -> tuple[dict[str, list[SyntheticScan]], dict[st
         "real+edited": (syn.edited, syn.edited_labels, "edited",
                         "synthetic.edited_labels=DIR (action=edit_maps) and synthetic.edited=DIR of their scans"),
         "real+generated": (syn.generated, syn.generated_labels, "generated",
-                           "synthetic.generated_labels=DIR and synthetic.generated=DIR of their scans"),
+                           "synthetic.generated_labels=DIR/labels and synthetic.generated=DIR/images of "
+                           "python -m ddpm.generate out=DIR"),
     }
     for arm in [str(a) for a in cfg.arms if str(a) != REFERENCE]:
         scans, labels, kind, needed = sources[arm]
-        if arm == "real+generated" and not label_generator_available():
-            reasons[arm] = "no label-map generator yet (train.train_labels does not exist)"
-        elif scans is None or (kind != "syn" and labels is None):
+        if scans is None or (kind != "syn" and labels is None):
             reasons[arm] = f"no synthetic scans given; pass {needed}"
         else:
             maps = None if labels is None else list_nifti(labels, f"{arm} label map")
-            pools[arm] = training_pool(match_scans(list_nifti(scans, f"{arm} synthetic"), maps, kind), split, arm)
+            pools[arm] = training_pool(match_scans(list_synthetic(scans), maps, kind), split, arm)
     return pools, reasons
 
 
 class VolumeStore:
-    """Real cases and synthetic scans on the model grid, loaded once when first needed."""
+    """Real cases and synthetic training scans on the model grid, loaded once when first needed."""
 
     def __init__(self, cases_by_id: dict, dataset_cfg):
         self.cases_by_id, self.dataset_cfg = cases_by_id, dataset_cfg
@@ -352,7 +358,7 @@ def scores(per_volume: dict[str, dict[str, float]], keys: list[str]) -> dict[str
     """{class name: Dice per volume} (in the volumes' order) and the mean over the classes present per volume."""
     values = list(per_volume.values())
     out = {key: np.array([v[key] for v in values], dtype=np.float64) for key in keys if key != MEAN_KEY}
-    out[MEAN_KEY] = np.array([mean_dice(v) for v in values], dtype=np.float64)
+    out[MEAN_KEY] = np.array([case_mean(v) for v in values], dtype=np.float64)
     return out
 
 

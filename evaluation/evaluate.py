@@ -8,7 +8,7 @@ samples of one label map and per-class intensity statistics. Writes `metrics.jso
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -200,6 +200,103 @@ def paired_settings(name: str, intensity: Intensity, cfg, shape) -> dict:
     return settings
 
 
+@dataclass
+class Collected:
+    """What one pass over the volumes gathers for the metrics, `per_case.csv` and the figures."""
+
+    real_stats: ClassIntensities
+    fake_stats: ClassIntensities
+    rows: list[dict] = field(default_factory=list)  # one per (real, synthetic) pair
+    panel: list[dict] = field(default_factory=list)  # middle slices for the slice panel
+    diversity: list[float] = field(default_factory=list)  # mean MS-SSIM between samples of one label map
+    shape: tuple | None = None  # of the first real volume (the metrics' settings depend on it)
+
+
+def collect(pairing: Pairing, names: list[str], intensity: Intensity, bank: FeatureBank, cfg) -> Collected:
+    found = Collected(ClassIntensities(cfg.seed), ClassIntensities(cfg.seed + 1))
+    groups = pairing.samples_by_source()
+    for real_stem in tqdm(pairing.real, desc="evaluating", unit="case"):
+        add_real_case(found, real_stem, groups.get(real_stem, []), pairing, names, intensity, bank, cfg)
+    for fake_stem in tqdm(pairing.unpaired_fake, desc="unpaired synthetic", unit="case",
+                          disable=not pairing.unpaired_fake):
+        fake, fake_affine = load_volume(pairing.fake[fake_stem])
+        fake = intensity.prepare(fake)
+        bank.add("fake", fake, fake_affine, bank.slices(fake) if bank.uses_2d() else None)
+    return found
+
+
+def add_real_case(found: Collected, real_stem: str, fake_stems: list[str], pairing: Pairing, names: list[str],
+                  intensity: Intensity, bank: FeatureBank, cfg) -> None:
+    """One real volume and its synthetic samples: features, paired values, class intensities, panel, diversity."""
+    real, affine = load_volume(pairing.real[real_stem])
+    real = intensity.prepare(real)
+    found.shape = found.shape or real.shape
+    label = load_label(pairing.labels[real_stem], real.shape) if real_stem in pairing.labels else None
+    mask = (label > 0) if intensity.foreground_only else None
+    real_slices = bank.slices(real) if bank.uses_2d() else None
+    bank.add("real", real, affine, real_slices)
+    if label is not None:
+        found.real_stats.add(real, label)
+    samples = []
+    for index, fake_stem in enumerate(fake_stems):
+        fake, fake_affine = load_fake(pairing, fake_stem, real_stem, real.shape, affine)
+        fake = intensity.prepare(fake)
+        fake_slices = bank.slices(fake) if bank.uses_2d() else None
+        bank.add("fake", fake, fake_affine, fake_slices)
+        row = {"real": real_stem, "fake": fake_stem}
+        row.update(paired_values(real, fake, mask, names, intensity, cfg))
+        if "lpips" in bank.networks:
+            row["lpips"] = bank.lpips(real_slices, fake_slices)
+        found.rows.append(row)
+        if label is not None:
+            found.fake_stats.add(fake, label)
+        if len(found.panel) < cfg.figures.panel_cases and index == 0:
+            z = real.shape[2] // 2
+            found.panel.append({"real": real[:, :, z], "fake": fake[:, :, z], "real_name": real_stem,
+                                "fake_name": fake_stem, "label": None if label is None else label[:, :, z]})
+        if "diversity" in names:
+            samples.append(fake)
+    if len(samples) >= 2:
+        pairs = [ms_ssim(a, b, mask, intensity, cfg) for a, b in itertools.combinations(samples, 2)]
+        found.diversity.append(float(np.mean(pairs)))
+
+
+def metric_results(names: list[str], found: Collected, bank: FeatureBank, intensity: Intensity, cfg,
+                   class_names: list[str] | None) -> dict:
+    """Every requested metric's entry (a value with its settings, or why it was skipped), in request order."""
+    results = {}
+    for name in PAIRED_METRICS + ("lpips",):
+        if name not in names:
+            continue
+        if name == "lpips" and "lpips" in bank.unavailable:
+            results[name] = skipped(bank.unavailable["lpips"])
+        elif not found.rows:
+            results[name] = skipped("no synthetic file pairs with a real file by stem")
+        else:
+            entry = summarise([row[name] for row in found.rows])
+            entry["settings"] = paired_settings(name, intensity, cfg, found.shape) if name != "lpips" else {
+                "weights": str(cfg.lpips.weights), "slices_per_axis": cfg.inception.slices_per_axis,
+                "input": "slices mapped to [-1, 1]", "window": intensity.window}
+            results[name] = entry
+    results.update(bank.results(names, cfg.mmd.bandwidth))
+    if "diversity" in names:
+        results["diversity"] = diversity_entry(found.diversity, intensity, cfg, found.shape)
+    if "intensity_stats" in names:
+        results["intensity_stats"] = intensity_entry(found.real_stats, found.fake_stats, intensity, class_names)
+    return {name: results[name] for name in names}
+
+
+def write_figures(found: Collected, outputs: list[Path], names: list[str], intensity: Intensity, cfg,
+                  class_names: list[str] | None) -> None:
+    if found.panel:
+        figures.slice_panel(found.panel, path=outputs[2], overwrite=cfg.overwrite)
+    if "intensity_stats" in names and found.real_stats.sums:
+        unit = "intensity (native units)" if intensity.domain == "native" else "intensity ([-1, 1])"
+        figures.class_histograms(found.real_stats.histogram_data(), found.fake_stats.histogram_data(),
+                                 bins=cfg.figures.histogram_bins, unit=unit, path=outputs[3],
+                                 overwrite=cfg.overwrite, class_names=class_names)
+
+
 def run(cfg: DictConfig) -> dict:
     names = requested_metrics(cfg)
     class_names = None if cfg.class_names is None else [str(n) for n in cfg.class_names]
@@ -216,89 +313,23 @@ def run(cfg: DictConfig) -> dict:
     if bank.uses_2d() and intensity.domain == "native":
         bank.window = intensity.window or robust_window(pairing.real.values())
         intensity.window = bank.window
-    results = {}
-    rows, panel, diversity = [], [], []
-    real_stats, fake_stats = ClassIntensities(cfg.seed), ClassIntensities(cfg.seed + 1)
-    groups = pairing.samples_by_source()
-    shape = None
-    for real_stem in tqdm(pairing.real, desc="evaluating", unit="case"):
-        real, affine = load_volume(pairing.real[real_stem])
-        real = intensity.prepare(real)
-        shape = shape or real.shape
-        label = load_label(pairing.labels[real_stem], real.shape) if real_stem in pairing.labels else None
-        mask = (label > 0) if intensity.foreground_only else None
-        real_slices = bank.slices(real) if bank.uses_2d() else None
-        bank.add("real", real, affine, real_slices)
-        if label is not None:
-            real_stats.add(real, label)
-        samples = []
-        for index, fake_stem in enumerate(groups.get(real_stem, [])):
-            fake, fake_affine = load_fake(pairing, fake_stem, real_stem, real.shape, affine)
-            fake = intensity.prepare(fake)
-            fake_slices = bank.slices(fake) if bank.uses_2d() else None
-            bank.add("fake", fake, fake_affine, fake_slices)
-            row = {"real": real_stem, "fake": fake_stem}
-            row.update(paired_values(real, fake, mask, names, intensity, cfg))
-            if "lpips" in bank.networks:
-                row["lpips"] = bank.lpips(real_slices, fake_slices)
-            rows.append(row)
-            if label is not None:
-                fake_stats.add(fake, label)
-            if len(panel) < cfg.figures.panel_cases and index == 0:
-                z = real.shape[2] // 2
-                panel.append({"real": real[:, :, z], "fake": fake[:, :, z], "real_name": real_stem,
-                              "fake_name": fake_stem, "label": None if label is None else label[:, :, z]})
-            if "diversity" in names:
-                samples.append(fake)
-        if len(samples) >= 2:
-            pairs = [ms_ssim(a, b, mask, intensity, cfg) for a, b in itertools.combinations(samples, 2)]
-            diversity.append(float(np.mean(pairs)))
-    for fake_stem in tqdm(pairing.unpaired_fake, desc="unpaired synthetic", unit="case",
-                          disable=not pairing.unpaired_fake):
-        fake, fake_affine = load_volume(pairing.fake[fake_stem])
-        fake = intensity.prepare(fake)
-        bank.add("fake", fake, fake_affine, bank.slices(fake) if bank.uses_2d() else None)
-
-    for name in PAIRED_METRICS + ("lpips",):
-        if name not in names:
-            continue
-        if name == "lpips" and "lpips" in bank.unavailable:
-            results[name] = skipped(bank.unavailable["lpips"])
-        elif not rows:
-            results[name] = skipped("no synthetic file pairs with a real file by stem")
-        else:
-            entry = summarise([row[name] for row in rows])
-            entry["settings"] = paired_settings(name, intensity, cfg, shape) if name != "lpips" else {
-                "weights": str(cfg.lpips.weights), "slices_per_axis": cfg.inception.slices_per_axis,
-                "input": "slices mapped to [-1, 1]", "window": intensity.window}
-            results[name] = entry
-    results.update(bank.results(names, cfg.mmd.bandwidth))
-    if "diversity" in names:
-        results["diversity"] = diversity_entry(diversity, intensity, cfg, shape)
-    if "intensity_stats" in names:
-        results["intensity_stats"] = intensity_entry(real_stats, fake_stats, intensity, class_names)
-    results = {name: results[name] for name in names}
-
+    found = collect(pairing, names, intensity, bank, cfg)
+    results = metric_results(names, found, bank, intensity, cfg, class_names)
     report = {
         "settings": {
             "real": str(cfg.real), "fake": str(cfg.fake), "labels": None if cfg.labels is None else str(cfg.labels),
             **intensity.describe(), "clipping": intensity.clipping(), "window_for_2d_networks": intensity.window,
             "device": str(device),
-            "n_real": len(pairing.real), "n_fake": len(pairing.fake), "n_pairs": len(rows),
+            "n_real": len(pairing.real), "n_fake": len(pairing.fake), "n_pairs": len(found.rows),
             "unpaired_fake": pairing.unpaired_fake,
         },
         "metrics": results,
     }
     write_json(report, outputs[0], cfg.overwrite)
-    write_csv(rows or [{"real": None, "fake": None}], outputs[1], cfg.overwrite)
-    if panel:
-        figures.slice_panel(panel, path=outputs[2], overwrite=cfg.overwrite)
-    if "intensity_stats" in names and real_stats.sums:
-        unit = "intensity (native units)" if intensity.domain == "native" else "intensity ([-1, 1])"
-        figures.class_histograms(real_stats.histogram_data(), fake_stats.histogram_data(),
-                                 bins=cfg.figures.histogram_bins, unit=unit, path=outputs[3],
-                                 overwrite=cfg.overwrite, class_names=class_names)
-    print_summary(f"{len(rows)} pairs, {len(pairing.real)} real, {len(pairing.fake)} synthetic -> {out}", results)
+    write_csv(found.rows or [{"real": None, "fake": None}], outputs[1], cfg.overwrite)
+    write_figures(found, outputs, names, intensity, cfg, class_names)
+    print_summary(f"{len(found.rows)} pairs, {len(pairing.real)} real, {len(pairing.fake)} synthetic -> {out}",
+                  results)
     return report
 
 

@@ -11,6 +11,7 @@ data_type) and no header extensions; only the names of offending fields are repo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -113,6 +114,91 @@ def near_copy_threshold(setting, reference_ncc: np.ndarray | None) -> float:
     return value
 
 
+def describe(paths: dict[str, Path], role: str, grid, featurizer: Featurizer | None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Standardised voxel vectors on `grid` (rows) and, with a featurizer, feature vectors of every file."""
+    vectors, features = [], []
+    for path in tqdm(paths.values(), desc=f"{role} volumes", unit="file"):
+        volume, affine = load_volume(path)
+        vectors.append(standardised(volume, grid))
+        if featurizer is not None:
+            features.append(featurizer(volume, affine))
+    return np.stack(vectors), (np.stack(features) if features else None)
+
+
+@dataclass
+class Matches:
+    """Per synthetic volume, its nearest training volume by NCC (and by feature distance), and the training
+    volumes' own leave-one-out nearest values that put them in scale (None with a single training volume)."""
+
+    ncc_index: np.ndarray
+    ncc_best: np.ndarray
+    reference_ncc: np.ndarray | None
+    threshold: float
+    feature_index: np.ndarray | None = None
+    feature_best: np.ndarray | None = None
+    reference_distance: np.ndarray | None = None
+
+
+def match(train: tuple[np.ndarray, np.ndarray | None], fake: tuple[np.ndarray, np.ndarray | None],
+          threshold_setting) -> Matches:
+    (train_vectors, train_features), (fake_vectors, fake_features) = train, fake
+    ncc_index, ncc_best = nearest(fake_vectors @ train_vectors.T, larger_is_closer=True)
+    reference_ncc = None
+    if len(train_vectors) > 1:
+        reference_ncc = leave_one_out(train_vectors @ train_vectors.T, larger_is_closer=True)
+    found = Matches(ncc_index, ncc_best, reference_ncc, near_copy_threshold(threshold_setting, reference_ncc))
+    if train_features is not None:
+        distances = pairwise_distances(fake_features, train_features)
+        found.feature_index, found.feature_best = nearest(distances, larger_is_closer=False)
+        if len(train_vectors) > 1:
+            found.reference_distance = leave_one_out(pairwise_distances(train_features, train_features), False)
+    return found
+
+
+def case_rows(found: Matches, fake: dict[str, Path], train: dict[str, Path]) -> list[dict]:
+    """One `per_case.csv` row per synthetic volume: its nearest training volumes, percentiles, header check."""
+    train_names, rows = list(train), []
+    for i, name in enumerate(fake):
+        row = {"fake": name, "generated_from_training_label": source_stem(name, train) is not None,
+               "nearest_train_ncc": train_names[found.ncc_index[i]], "ncc": float(found.ncc_best[i])}
+        if found.reference_ncc is not None:
+            row["ncc_percentile"] = float((found.reference_ncc < found.ncc_best[i]).mean() * 100)
+        if found.feature_index is not None:
+            row.update(nearest_train_feature=train_names[found.feature_index[i]],
+                       feature_distance=float(found.feature_best[i]))
+            if found.reference_distance is not None:
+                row["feature_distance_percentile"] = float((found.reference_distance < found.feature_best[i]).mean()
+                                                           * 100)
+        row["header_metadata"] = ";".join(header_metadata(fake[name]))
+        row["flagged"] = bool(found.ncc_best[i] >= found.threshold)
+        rows.append(row)
+    return rows
+
+
+def summary_results(found: Matches, rows: list[dict], cfg, feature_reason: str | None) -> dict:
+    flagged = [row["fake"] for row in rows if row["flagged"]]
+    header_problems = {row["fake"]: row["header_metadata"].split(";") for row in rows if row["header_metadata"]}
+
+    def reference_stat(values, fn):
+        return None if values is None else float(fn(values))
+
+    ncc_best, feature_best = found.ncc_best, found.feature_best
+    return {
+        "ncc": {"median": float(np.median(ncc_best)), "max": float(ncc_best.max()), "min": float(ncc_best.min()),
+                "threshold": found.threshold, "threshold_rule": str(cfg.threshold), "n_flagged": len(flagged),
+                "reference_train_nearest_median": reference_stat(found.reference_ncc, np.median),
+                "reference_train_nearest_max": reference_stat(found.reference_ncc, np.max)},
+        "feature_distance": skipped(feature_reason) if feature_best is None else {
+            "features": cfg.features, "median": float(np.median(feature_best)), "min": float(feature_best.min()),
+            "reference_train_nearest_min": reference_stat(found.reference_distance, np.min),
+            "reference_train_nearest_median": reference_stat(found.reference_distance, np.median)},
+        "flagged": flagged,
+        "header_metadata": {"n_files": len(header_problems), "files": header_problems,
+                            "checked": list(TEXT_FIELDS) + ["extensions"]},
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     outputs = [out / "memorization.json", out / "per_case.csv", out / "figures" / "nearest_ncc.png"]
@@ -125,65 +211,10 @@ def run(cfg: DictConfig) -> dict:
         featurizer, feature_reason = Featurizer(cfg, device), None
     except WeightsUnavailable as err:
         featurizer, feature_reason = None, str(err)
-
-    def describe(paths: dict, role: str):
-        vectors, features = [], []
-        for path in tqdm(paths.values(), desc=f"{role} volumes", unit="file"):
-            volume, affine = load_volume(path)
-            vectors.append(standardised(volume, cfg.grid))
-            if featurizer is not None:
-                features.append(featurizer(volume, affine))
-        return np.stack(vectors), (np.stack(features) if features else None)
-
-    train_vectors, train_features = describe(train, "training")
-    fake_vectors, fake_features = describe(fake, "synthetic")
-    train_names, fake_names = list(train), list(fake)
-    ncc = fake_vectors @ train_vectors.T
-    ncc_index, ncc_best = nearest(ncc, larger_is_closer=True)
-    reference_ncc = reference_distance = None
-    if len(train) > 1:
-        reference_ncc = leave_one_out(train_vectors @ train_vectors.T, larger_is_closer=True)
-    threshold = near_copy_threshold(cfg.threshold, reference_ncc)
-    feature_index = feature_best = None
-    if featurizer is not None:
-        distances = pairwise_distances(fake_features, train_features)
-        feature_index, feature_best = nearest(distances, larger_is_closer=False)
-        if len(train) > 1:
-            reference_distance = leave_one_out(pairwise_distances(train_features, train_features), False)
-
-    rows, flagged = [], []
-    for i, name in enumerate(fake_names):
-        row = {"fake": name, "generated_from_training_label": source_stem(name, train) is not None,
-               "nearest_train_ncc": train_names[ncc_index[i]], "ncc": float(ncc_best[i])}
-        if reference_ncc is not None:
-            row["ncc_percentile"] = float((reference_ncc < ncc_best[i]).mean() * 100)
-        if feature_index is not None:
-            row.update(nearest_train_feature=train_names[feature_index[i]], feature_distance=float(feature_best[i]))
-            if reference_distance is not None:
-                row["feature_distance_percentile"] = float((reference_distance < feature_best[i]).mean() * 100)
-        row["header_metadata"] = ";".join(header_metadata(fake[name]))
-        row["flagged"] = bool(ncc_best[i] >= threshold)
-        if row["flagged"]:
-            flagged.append(name)
-        rows.append(row)
-    header_problems = {row["fake"]: row["header_metadata"].split(";") for row in rows if row["header_metadata"]}
-
-    def reference_stat(values, fn):
-        return None if values is None else float(fn(values))
-
-    results = {
-        "ncc": {"median": float(np.median(ncc_best)), "max": float(ncc_best.max()), "min": float(ncc_best.min()),
-                "threshold": threshold, "threshold_rule": str(cfg.threshold), "n_flagged": len(flagged),
-                "reference_train_nearest_median": reference_stat(reference_ncc, np.median),
-                "reference_train_nearest_max": reference_stat(reference_ncc, np.max)},
-        "feature_distance": skipped(feature_reason) if featurizer is None else {
-            "features": cfg.features, "median": float(np.median(feature_best)), "min": float(feature_best.min()),
-            "reference_train_nearest_min": reference_stat(reference_distance, np.min),
-            "reference_train_nearest_median": reference_stat(reference_distance, np.median)},
-        "flagged": flagged,
-        "header_metadata": {"n_files": len(header_problems), "files": header_problems,
-                            "checked": list(TEXT_FIELDS) + ["extensions"]},
-    }
+    found = match(describe(train, "training", cfg.grid, featurizer), describe(fake, "synthetic", cfg.grid, featurizer),
+                  cfg.threshold)
+    rows = case_rows(found, fake, train)
+    results = summary_results(found, rows, cfg, feature_reason)
     report = {"settings": {"train": str(cfg.train), "fake": str(cfg.fake), "n_train": len(train),
                            "n_fake": len(fake), "grid": list(cfg.grid), "features": cfg.features,
                            "ncc": "Pearson correlation of voxels on the common grid",
@@ -192,15 +223,16 @@ def run(cfg: DictConfig) -> dict:
               "results": results}
     write_json(report, outputs[0], cfg.overwrite)
     write_csv(rows, outputs[1], cfg.overwrite)
-    figures.nearest_neighbour_histogram(ncc_best, reference_ncc, threshold=threshold,
+    figures.nearest_neighbour_histogram(found.ncc_best, found.reference_ncc, threshold=found.threshold,
                                         xlabel="normalised cross-correlation", path=outputs[2],
                                         overwrite=cfg.overwrite)
+    flagged, headers = results["flagged"], results["header_metadata"]["files"]
     print_summary(f"memorisation audit: {len(fake)} synthetic vs {len(train)} training -> {out}", {
         "median best NCC": {"value": results["ncc"]["median"]},
-        f"near-copies (NCC >= {threshold:.4g})": {"value": f"{len(flagged)} {flagged[:5]}"},
+        f"near-copies (NCC >= {found.threshold:.4g})": {"value": f"{len(flagged)} {flagged[:5]}"},
         "feature distance": results["feature_distance"] if featurizer is None else
         {"value": results["feature_distance"]["median"]},
-        "headers with metadata": {"value": f"{len(header_problems)} {sorted(header_problems)[:5]}"},
+        "headers with metadata": {"value": f"{len(headers)} {sorted(headers)[:5]}"},
     })
     return report
 

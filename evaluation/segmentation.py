@@ -3,9 +3,9 @@
 Mask fidelity: a segmenter (`evaluation.segmenter`) trained on the real training cases of the patient split and
 selected on the validation cases is applied to the real test cases and to synthetic volumes generated from the
 same test label maps; Dice per class keyed by class name (background excluded, the lesion classes first), their
-means, and the ratios synthetic / real. Augmentation: segmenters trained on real only vs real + synthetic
-(generated from training label maps) for several seeds, Dice on the real test cases with bootstrap confidence
-intervals over test cases. The test split never trains anything and never selects a model.
+means, and the ratios synthetic / real. The test split never trains anything and never selects a model. Whether
+synthetic scans help a segmenter (real only vs real + synthetic arms, low-data regimes, seeds, intervals) is
+`evaluation.augmentation`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from dataset.split import make_split, read_split, select
 from dataset.validate import validate_dataset
 from evaluation.pairing import list_nifti, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
-from evaluation.stats import paired_bootstrap
 from evaluation.segmenter import (
     Volume,
     evaluate_dice,
@@ -68,17 +67,17 @@ def list_synthetic(folders) -> dict[str, Path]:
 
 
 def synthetic_volumes(folders, cases_by_id: dict, preprocessed: dict, split: dict, dataset_cfg) -> dict:
-    """Synthetic files grouped by the split of their source case: {"test": [...], "train": [...]} (val ignored)."""
-    groups = {"train": [], "test": [], "ignored": []}
+    """Synthetic volumes of test cases: {"test": [...], "ignored": [stems of other cases]}."""
+    groups = {"test": [], "ignored": []}
     files = list_synthetic(folders)
     split_of = {case_id: name for name, ids in split.items() for case_id in ids}
     for stem, path in tqdm(files.items(), desc="synthetic volumes", unit="file"):
         source = source_stem(stem, cases_by_id)
-        if source is None or split_of.get(source) not in ("train", "test"):
+        if source is None or split_of.get(source) != "test":
             groups["ignored"].append(stem)
             continue
         case = preprocessed[source]
-        groups[split_of[source]].append(
+        groups["test"].append(
             preprocess_synthetic(path, np.asarray(case.label), case.grid_info.original_shape, dataset_cfg))
     return groups
 
@@ -119,19 +118,14 @@ def run(cfg: DictConfig) -> dict:
         [c for name in ("train", "val", "test") for c in select(cases, split, name)], desc="real cases")}
     real = {name: [Volume.from_arrays(c, used[c].image, used[c].label) for c in split[name]]
             for name in ("train", "val", "test")}
-    synthetic = {"train": [], "test": [], "ignored": []}
+    synthetic = {"test": [], "ignored": []}
     if cfg.synthetic is not None:
         synthetic = synthetic_volumes(cfg.synthetic, cases_by_id, used, split, cfg.dataset)
-
-    def train(arm: str, seed: int):
-        return train_segmenter(real["train"], real["val"], cfg, seed,
-                               synthetic=synthetic["train"] if arm == "real+synthetic" else (),
-                               synthetic_per_real=float(cfg.augmentation.synthetic_per_real), device=device)
 
     rows = []
     log.info("training the segmenter on %d real cases, validating on %d (at most %s steps)", len(real["train"]),
              len(real["val"]), cfg.segmenter.train.max_steps)
-    model = train("real", int(cfg.seed))
+    model = train_segmenter(real["train"], real["val"], cfg, int(cfg.seed), device=device)
     save_segmenter(model, outputs["segmenter.pt"], dataset_cfg=cfg.dataset, overwrite=cfg.overwrite,
                    train_cases=split["train"])
     real_results = evaluate_dice(model, real["test"])
@@ -151,14 +145,13 @@ def run(cfg: DictConfig) -> dict:
     else:
         results["dice_synthetic_test"] = skipped(
             "no synthetic volumes of test cases; pass synthetic=DIR holding <test case>_syn<k>.nii.gz")
-    results["augmentation"] = augmentation(cfg, train, model, real["test"], synthetic, rows)
 
     settings = model.settings
     report = {
         "settings": {
             "dataset": str(cfg.dataset.name), "n_train": len(real["train"]), "n_val": len(real["val"]),
             "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]),
-            "n_synthetic_train": len(synthetic["train"]), "synthetic_ignored": synthetic["ignored"],
+            "synthetic_ignored": synthetic["ignored"],
             "segmenter": settings.network, "crop_size": settings.crop_size, "max_steps": settings.max_steps,
             "batch_size": settings.batch_size, "lr": settings.lr, "seed": int(cfg.seed), "device": str(device),
             "dice": "per class keyed by name, background (0) excluded, lesion classes first; mean over the classes "
@@ -179,35 +172,6 @@ def case_rows(experiment: str, source: str, seed: int, per_case: dict) -> list[d
             for case, dice in per_case.items()]
 
 
-def augmentation(cfg, train, seed_model, test_real, synthetic, rows) -> dict:
-    if not cfg.augmentation.enabled:
-        return skipped("augmentation.enabled=false")
-    if not synthetic["train"]:
-        return skipped("no synthetic volumes of training cases; pass synthetic=DIR holding "
-                       "<training case>_syn<k>.nii.gz generated from training label maps")
-    per_arm = {}
-    for arm in ("real", "real+synthetic"):
-        case_means = []
-        for seed in tqdm(list(cfg.augmentation.seeds), desc=f"augmentation: {arm}", unit="seed"):
-            model = seed_model if (arm == "real" and seed == cfg.seed) else train(arm, seed)
-            results = evaluate_dice(model, test_real)
-            rows += case_rows("augmentation", arm, seed, results)
-            case_means.append([case_mean(dice) for dice in results.values()])
-        per_arm[arm] = np.asarray(case_means, dtype=np.float64)  # (seeds, test cases)
-    boot = dict(samples=int(cfg.bootstrap.samples), confidence=float(cfg.bootstrap.confidence),
-                seed=int(cfg.bootstrap.seed))
-    stats = paired_bootstrap(per_arm, "real", **boot)
-    out = {arm: {"mean_dice": stats[arm]["mean"], "ci": stats[arm]["ci"]} for arm in per_arm}
-    difference = stats["real+synthetic"]["difference"]
-    out["difference"] = {"mean_dice": difference["mean"], "ci": difference["ci"],
-                         "meaning": "real+synthetic minus real only, paired by test case"}
-    out["settings"] = {"seeds": list(cfg.augmentation.seeds), "synthetic_per_real": cfg.augmentation.synthetic_per_real,
-                       "n_test_cases": len(test_real), "few_cases": difference["few_cases"], **boot,
-                       "ci": "paired percentile bootstrap over test cases, seeds averaged within a case "
-                             "(evaluation.stats)"}
-    return out
-
-
 def console_lines(results: dict) -> dict:
     real = results["dice_real_test"]
     lines = {f"dice real test, {name}": {"value": value} for name, value in real["per_class"].items()}
@@ -219,13 +183,6 @@ def console_lines(results: dict) -> dict:
     lines["dice synthetic test"] = syn if syn.get("skipped") else {"value": syn["mean"]}
     if "dice_ratio_synthetic_over_real" in results:
         lines["ratio synthetic/real"] = {"value": results["dice_ratio_synthetic_over_real"]["value"]}
-    aug = results["augmentation"]
-    if aug.get("skipped"):
-        lines["augmentation"] = aug
-    else:
-        for arm in ("real", "real+synthetic", "difference"):
-            low, high = aug[arm]["ci"]
-            lines[f"augmentation {arm}"] = {"value": f"{aug[arm]['mean_dice']:.4f} [{low:.4f}, {high:.4f}]"}
     return lines
 
 

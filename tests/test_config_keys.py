@@ -200,7 +200,9 @@ def test_model_nodes_instantiate(name, overrides):
     nodes = {path: OmegaConf.select(cfg, ".".join(path))
              for path in target_paths(OmegaConf.to_container(cfg.model, resolve=False), ("model",))}
     assert nodes, f"{name} {overrides}: no _target_ node"
-    dependencies = {target_name(LatentDiffusion): {"vqgan": tiny_vqgan(), "label_nc": int(cfg.dataset.label_nc)}}
+    label_nc = int(cfg.dataset.label_nc)
+    dependencies = {target_name(LatentDiffusion): {"vqgan": tiny_vqgan(), "label_nc": label_nc},  # what the
+                    "ddpm.label_generator.LabelGenerator": {"label_nc": label_nc, "n_attributes": 4}}  # trainers pass
     for path, node in nodes.items():
         where = ".".join(path)
         built = build(node, where, **dependencies.get(node._target_, {}))

@@ -88,7 +88,7 @@ def test_bad_settings_and_checkpoints_are_user_errors(compose_cfg, phantom_root,
 
     with pytest.raises(UserError, match="crop_size"):
         build("dataset.crop_size=[16,16,6]")
-    with pytest.raises(UserError, match="model: .*prediction"):
+    with pytest.raises(UserError, match="^model.diffusion: prediction must be one of"):
         build("model.diffusion.prediction=score")
     with pytest.raises(UserError, match="model.validation"):
         build("model.validation.sampler=euler")

@@ -17,7 +17,7 @@ import torch
 from dataset.io import save_nifti
 from ddpm.inpaint import InpaintSettings
 from ddpm.latent_diffusion import sample
-from ddpm.prior import PriorCase, kept_mask, parse_slices
+from ddpm.prior import PriorCase, inpaint_settings, kept_mask, parse_slices
 from ddpm.sample import run
 from ddpm.samplers import SamplerSettings
 from ddpm.synthesis import Synthesizer
@@ -119,6 +119,17 @@ def test_slice_lists_are_checked():
             parse_slices(value, 16 if value != list(range(4)) else 4, "x")
 
 
+def test_a_multistep_sampler_runs_as_ddim_with_the_same_steps(caplog):
+    with caplog.at_level("INFO", logger="ddpm.prior"):
+        mapped = inpaint_settings(SamplerSettings("dpmpp_2m", 25, 0.0), 2.0, 10, 1000)
+    assert (mapped.sampler, mapped.steps, mapped.guidance_scale, mapped.resample) == ("ddim", 25, 2.0, 10)
+    assert "sampler=dpmpp_2m is multistep" in caplog.text and "ddim with 25 steps" in caplog.text
+    for name in ("ddpm", "ddim"):
+        assert inpaint_settings(SamplerSettings(name, 7, 0.5), 1.0, 3, 1000).sampler == name
+    with pytest.raises(UserError, match="prior_resample=-1"):
+        inpaint_settings(SamplerSettings("ddim", 7, 0.0), 1.0, -1, 1000)
+
+
 # the ddpm.sample options -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -148,6 +159,7 @@ def test_sample_cli_keeps_the_given_slices(compose_cfg, files, tmp_path):
     assert not np.isclose(out[..., others], real[..., others]).any()  # synthesised, not copied
     sidecar = json.loads((tmp_path / "labels_syn0.json").read_text())
     assert sidecar["prior_image"] == "real.nii.gz" and sidecar["prior_slices"] == [2, 6]
+    assert (sidecar["sampler"], sidecar["steps"]) == ("ddim", 3)  # the default dpmpp_2m, run as RePaint's ddim
 
 
 def test_sample_cli_prior_errors_write_nothing(compose_cfg, files, tmp_path):
@@ -156,7 +168,6 @@ def test_sample_cli_prior_errors_write_nothing(compose_cfg, files, tmp_path):
     for extra, message in (([prior], "needs both"), (["prior_slices=[2]"], "needs both"),
                            ([prior, "prior_slices=[8]"], "8 is not a slice index"),
                            ([f"prior_image={files['other']}", "prior_slices=[2]"], "not on the grid"),
-                           ([prior, "prior_slices=[2]", "sampler=dpmpp_2m"], "sampler=dpmpp_2m"),
                            ([prior, "prior_slices=[2]", f"init_image={files['image']}", "strength=0.5"],
                             "use one"),
                            ([prior, "prior_slices=[2]", "save_progress=true"], "save_progress"),

@@ -139,8 +139,8 @@ def test_demo_experiment_composes_and_trains(demo_run):
     assert {"val/l1", "val/psnr_range2", "val/ssim_range2", "val/psnr_range2_blur1", "val/ssim_range2_blur2",
             "train/d_loss", "train/perceptual"} <= set(trainer.callback_metrics)
     assert (run_dir / "last.ckpt").is_file() and (run_dir / "split.json").is_file()
-    demo_model = compose("vqgan", ["experiment=demo"]).model
-    assert demo_model.gan_start_step > 0 and demo_model.perceptual_weight > 0
+    demo_loss = compose("vqgan", ["experiment=demo"]).model.loss
+    assert demo_loss.gan_start_step > 0 and demo_loss.perceptual_weight > 0
 
 
 def test_encode_writes_latents_of_the_stored_split(demo_run, tmp_path):
@@ -157,7 +157,7 @@ def test_encode_writes_latents_of_the_stored_split(demo_run, tmp_path):
     assert [f.stem for f in files] == sorted(stored["train"]) and sorted(tmp_path.glob("val/*.npz"))
     latents = [np.load(f)["latent"] for f in files]
     model = load_vqgan(run_dir / "last.ckpt")
-    assert all(z.shape[0] == model.hparams["embedding_dim"] for z in latents)
+    assert all(z.shape[0] == model.embedding_dim for z in latents)
     sample = np.load(files[0])
     assert sample["label"].shape == tuple(s * f for s, f in zip(sample["latent"].shape[1:], model.downsample))
 
