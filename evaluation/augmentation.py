@@ -34,7 +34,7 @@ import logging
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -53,7 +53,7 @@ from evaluation import figures
 from evaluation.pairing import SYNTHETIC_STEM, list_nifti, nifti_stem, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.segmentation import case_mean, list_synthetic, load_split, synthetic_volumes
-from evaluation.segmenter import Volume, evaluate_dice, preprocess_synthetic, train_segmenter
+from evaluation.segmenter import Volume, evaluate_dice, preprocess_synthetic, settings_from, train_segmenter
 from evaluation.stats import paired_bootstrap
 from utils.atomic import check_writable
 from utils.device import resolve_device
@@ -382,6 +382,7 @@ def run(cfg: DictConfig) -> dict:
         raise UserError(f"dataset.class_names: '{MEAN_KEY}' is reserved for the mean over classes")
     lesion = names[headline_class(cfg, names)]
     keys = [names[c] for c in class_order(names, names.index(lesion))] + [MEAN_KEY]
+    segmenter_settings = settings_from(cfg)  # checked before anything trains
     device = resolve_device(cfg.device)
     cases = validate_dataset(cfg.dataset).cases
     split = load_split(cfg, cases)
@@ -391,9 +392,9 @@ def run(cfg: DictConfig) -> dict:
     test_ids = list(split["test"])
     test_real = [store.case(c) for c in tqdm(test_ids, desc="real test cases")]
     val_real = [store.case(c) for c in tqdm(split["val"], desc="real validation cases")]
-    test_scans = [] if cfg.synthetic.test is None else [
-        s for s in match_scans(list_nifti(cfg.synthetic.test, "synthetic test"), None, "syn") if s.source in test_ids]
-    test_synthetic = [store.scan(s) for s in tqdm(test_scans, desc="synthetic test scans")]
+    test_synthetic = {"test": [], "ignored": []} if cfg.synthetic.test is None else synthetic_volumes(
+        cfg.synthetic.test, store.cases_by_id, {c: store.preprocessed(c) for c in test_ids}, split, cfg.dataset)
+    test_sources = [source_stem(nifti_stem(volume.name), test_ids) for volume in test_synthetic["test"]]
     seeds = [int(s) for s in cfg.seeds]
 
     regimes, fidelity_scores = {}, {"real": [], "synthetic": []}
@@ -409,17 +410,17 @@ def run(cfg: DictConfig) -> dict:
                 continue
             check_training_set(real_ids, scans, test_ids)
             real_volumes = [store.case(c) for c in real_ids]
-            synthetic_volumes = [store.scan(s) for s in scans]
+            synthetic_train = [store.scan(s) for s in scans]
             per_seed, training = [], []
             for seed in tqdm(seeds, desc=f"regime {regime}: {arm}", unit="seed"):
-                model = train_segmenter(real_volumes, val_real, cfg, seed, synthetic=synthetic_volumes,
+                model = train_segmenter(real_volumes, val_real, cfg, seed, synthetic=synthetic_train,
                                         synthetic_per_real=float(cfg.synthetic_per_real), device=device)
                 training.append({"seed": seed, "steps": model.steps, "best_step": model.best_step,
                                  "seconds": model.seconds})
                 per_seed.append(scores(evaluate_dice(model, test_real), keys))
-                if regime == ALL and arm == REFERENCE and test_synthetic:
+                if regime == ALL and arm == REFERENCE and test_synthetic["test"]:
                     fidelity_scores["real"].append(per_seed[-1])
-                    fidelity_scores["synthetic"].append(scores(evaluate_dice(model, test_synthetic), keys))
+                    fidelity_scores["synthetic"].append(scores(evaluate_dice(model, test_synthetic["test"]), keys))
             arms_scores[arm] = per_seed
             entries[arm] = {"n_real": len(real_ids), "n_synthetic": len(scans),
                             "synthetic_sources": len({s.source for s in scans}), "seeds": seeds,
@@ -433,23 +434,34 @@ def run(cfg: DictConfig) -> dict:
             "n_test": len(test_ids), "headline_class": lesion, "classes": keys, "regimes": list(subsets),
             "arms": [str(a) for a in cfg.arms], "seeds": seeds, "subset_seed": int(cfg.subset_seed),
             "synthetic_per_real": float(cfg.synthetic_per_real),
-            "segmenter": OmegaConf.to_container(cfg.segmenter, resolve=True), "device": str(device),
+            "segmenter": asdict(segmenter_settings), "device": str(device),
             "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),
             "dice": "per class on the real test cases, background excluded; mean over seeds within a case, then "
                     f"over cases; {MEAN_KEY}: per case the mean over the classes present",
             "ci": "paired percentile bootstrap over test cases (seeds averaged within each drawn case)",
-            "split": "patient-level; the test split trains nothing; every segmenter validates on the val split",
+            "split": "patient-level; the test split trains nothing",
+            "validation": validation_note(split["val"]),
+            "synthetic_test_ignored": test_synthetic["ignored"],
         },
         "n_cases": len(test_ids),
         "few_cases": len(test_ids) < int(cfg.bootstrap.min_cases),
         "regimes": regimes,
-        "fidelity": fidelity(fidelity_scores, test_ids, [s.source for s in test_scans], keys, cfg),
+        "fidelity": fidelity(fidelity_scores, test_ids, test_sources, keys, cfg),
     }
     write_json(report, out / "augmentation.json", cfg.overwrite)
     write_csv(csv_rows(report, keys), out / "augmentation.csv", cfg.overwrite)
     lesion_figure(report, lesion, out / "augmentation.png", cfg.overwrite)
     print_summary(f"augmentation -> {out}", console_lines(report, lesion))
     return report
+
+
+def validation_note(val_ids: list[str]) -> dict:
+    if not val_ids:
+        return {"n_cases": 0, "meaning": "no validation cases: every segmenter keeps its last state"}
+    return {"n_cases": len(val_ids), "cases": list(val_ids),
+            "meaning": "every segmenter (each regime, arm and seed) keeps the weights of its best score on the full "
+                       "validation split of real cases, whatever the number of real training cases of its regime; "
+                       "the validation cases train nothing and their synthetic scans are left out"}
 
 
 def stacked(per_seed: list[dict], key: str) -> np.ndarray:

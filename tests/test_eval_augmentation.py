@@ -1,5 +1,6 @@
-"""The augmentation study: which cases each regime and arm trains on (pure functions on fake case lists), and one
-tiny end-to-end run on phantoms (edited maps, the study, its JSON / CSV / PNG)."""
+"""The augmentation study: which cases each regime and arm trains on (pure functions on fake case lists), the
+headline class, and one tiny end-to-end run on phantoms (edited maps, the study, its JSON / CSV / PNG) with a
+segmenter small enough to train 18 times in seconds."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +22,7 @@ from evaluation.augmentation import (
     SyntheticScan,
     check_training_set,
     for_regime,
+    headline_class,
     match_scans,
     regime_subsets,
     training_pool,
@@ -79,6 +81,33 @@ def test_edited_scans_pair_with_their_edited_maps_and_source_cases(tmp_path):
         match_scans({"case03_syn0": tmp_path / "z.nii.gz"}, {"case03": tmp_path / "case03.nii.gz"}, "edited")
 
 
+def test_generated_scans_pair_with_their_maps_by_stem_and_come_from_no_case(tmp_path):
+    maps = {"gen0000": tmp_path / "labels" / "gen0000.nii.gz", "gen0001": tmp_path / "labels" / "gen0001.nii.gz"}
+    scans = {"gen0000": tmp_path / "images" / "gen0000.nii.gz", "gen0001_syn2": tmp_path / "x.nii.gz"}
+    matched = match_scans(scans, maps, "generated")  # ddpm.generate's images/ + labels/, or <map>_syn<k>
+    assert [(s.name, s.label, s.source) for s in matched] == [("gen0000", maps["gen0000"], None),
+                                                              ("gen0001_syn2", maps["gen0001"], None)]
+    with pytest.raises(UserError, match="_syn"):
+        match_scans({"gen0007": tmp_path / "y.nii.gz"}, maps, "generated")
+
+
+def _classes_cfg(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("augmentation", overrides=["dataset=nifti", "dataset.root_dir=unused", "dataset.label_nc=4",
+                                                 *overrides])
+    return cfg, ["background", "class_1", "class_2", "class_3"]
+
+
+def test_the_headline_is_one_of_the_lesion_classes_the_segmenter_favours():
+    assert headline_class(*_classes_cfg(["dataset.lesion_classes=[class_3,class_2]"])) == 3
+    assert headline_class(*_classes_cfg(["dataset.lesion_classes=[class_3,class_2]", "lesion_class=2"])) == 2
+    assert headline_class(*_classes_cfg(["lesion_class=class_1"])) == 1  # no lesion classes: any foreground class
+    with pytest.raises(UserError, match="lesion_class: class_1 is not one of dataset.lesion_classes"):
+        headline_class(*_classes_cfg(["dataset.lesion_classes=[class_3]", "lesion_class=1"]))
+    with pytest.raises(UserError, match="lesion_class"):
+        headline_class(*_classes_cfg([]))
+
+
 @pytest.fixture
 def one_thread():
     previous = torch.get_num_threads()
@@ -98,7 +127,7 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
                           modality="ct", seed=3)
     base = ["dataset=nifti", f"dataset.root_dir={data}", "dataset.label_nc=3", "dataset.spacing=[2,2,2]",
             "dataset.crop_size=[16,16,16]", "dataset.split.test_fraction=0.2", "dataset.split.val_fraction=0.1",
-            f"dataset.cache_dir={tmp_path / 'cache'}", "lesion_class=2", "device=cpu"]
+            f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.lesion_classes=[class_2]", "device=cpu"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("augmentation", overrides=base)
     split = make_split(validate_dataset(cfg.dataset).cases, cfg.dataset.split)
@@ -134,11 +163,17 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
         assert changed.any() and set(np.unique(edited[changed])) | set(np.unique(original[changed])) >= {2}
         save_nifti(image_of(edited, rng), affine, folders["syn_edited"] / f"{record['file'][:-7]}_syn0.nii.gz")
 
-    overrides = base + [f"out={tmp_path / 'out'}", f"synthetic.train={folders['syn_train']}",
-                        f"synthetic.edited_labels={folders['edited']}", f"synthetic.edited={folders['syn_edited']}",
-                        f"synthetic.test={folders['syn_test']}", "regimes=[4,all]", "segmenter.network.channels=[4,8]",
-                        "segmenter.network.strides=[2]", "segmenter.train.max_steps=12", "segmenter.train.lr=0.01",
-                        "segmenter.validation.every_n_steps=6", "bootstrap.samples=200"]
+    # a segmenter sized for the phantom (as in test_eval_segmentation): one crop is the whole 24x24x16 volume
+    # (so class-centred crops add nothing), 12 steps, validated every 6 on the one validation case
+    segmenter = ["segmenter.network.channels=[8,16]", "segmenter.network.strides=[2]",
+                 "segmenter.train.crop_size=[24,24,16]", "segmenter.train.batch_size=2",
+                 "segmenter.train.max_steps=12", "segmenter.train.lr=0.03", "segmenter.train.lr_schedule=constant",
+                 "segmenter.train.class_crop_fraction=0.0", "segmenter.train.crop_classes=[class_1,class_2]",
+                 "segmenter.validation.every_n_steps=6", "segmenter.validation.patience=null"]
+    overrides = base + segmenter + [
+        f"out={tmp_path / 'out'}", f"synthetic.train={folders['syn_train']}",
+        f"synthetic.edited_labels={folders['edited']}", f"synthetic.edited={folders['syn_edited']}",
+        f"synthetic.test={folders['syn_test']}", "regimes=[4,all]", "bootstrap.samples=200"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose("augmentation", overrides=overrides)
     trained = []
@@ -149,7 +184,6 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
         return real_train(real, val, cfg, seed, **kwargs)
 
     monkeypatch.setattr(augmentation, "train_segmenter", recording)
-    monkeypatch.setattr(augmentation, "label_generator_available", lambda: False)
     report = augmentation.run(cfg)
 
     subsets = regime_subsets(split["train"], [4, "all"], 0)
@@ -164,10 +198,18 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
 
     saved = json.loads((tmp_path / "out" / "augmentation.json").read_text())
     assert saved["n_cases"] == 2 and saved["few_cases"] is True and saved["settings"]["headline_class"] == "class_2"
+    settings = saved["settings"]
+    assert settings["validation"]["cases"] == split["val"] and settings["validation"]["n_cases"] == 1
+    assert "full validation split" in settings["validation"]["meaning"]
+    assert settings["segmenter"]["crop_size"] == [24, 24, 16] and settings["segmenter"]["max_steps"] == 12
+    for regime in saved["regimes"].values():  # two validations each, on the validation case
+        for arm in ("real", "real+syn", "real+edited"):
+            assert [t["steps"] for t in regime["arms"][arm]["training"]] == [12] * 3
+            assert {t["best_step"] for t in regime["arms"][arm]["training"]} <= {6, 12}
     assert list(saved["regimes"]) == ["4", "all"] and saved["regimes"]["4"]["n_real"] == 4
     for regime in saved["regimes"].values():
         arms = regime["arms"]
-        assert "train.train_labels" in arms["real+generated"]["reason"] and arms["real+generated"]["skipped"]
+        assert "synthetic.generated" in arms["real+generated"]["reason"] and arms["real+generated"]["skipped"]
         for arm in ("real", "real+syn", "real+edited"):
             entry = arms[arm]
             assert list(entry["dice"]) == ["class_2", "class_1", "mean_over_classes"]  # lesion first

