@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks.common import run_case_in_child, sync  # noqa: E402
+from benchmarks.common import peak_rss_gib, run_case_in_child, sync  # noqa: E402
 
 BASELINE = {
     "train_small": {"step_s": 2.05, "peak_gib": 1.6},
@@ -86,7 +85,7 @@ def peak_gib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_gib()
 
 
 def time_training(model, label, latent_shape, spec: dict, device, autocast, gen) -> dict:

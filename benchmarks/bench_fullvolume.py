@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks.common import run_case_in_child  # noqa: E402
+from benchmarks.common import current_rss, peak_rss, reset_peak_rss, run_case_in_child  # noqa: E402
 
 GUIDANCE = 1.5
 OVERLAP = 0.25
@@ -46,29 +45,6 @@ GIB = 2**30
 
 
 # ---------------------------------------------------------------------------------------------------- child
-def current_rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) so the peak is that of what follows (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def phantom_label(shape, label_nc: int, seed: int = 0):
     """A body-like label map (uint8): nested ellipsoids of several classes with a few random blobs."""
     import torch

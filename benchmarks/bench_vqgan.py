@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks.common import sync  # noqa: E402
+from benchmarks.common import peak_rss_gib, sync  # noqa: E402
 from layers.memory_format import to_channels_last_3d  # noqa: E402
 from utils.build import build  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -88,10 +87,6 @@ class VGG16Features(nn.Module):
 
 def params_m(module: nn.Module | None) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6 if module is not None else 0.0
-
-
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def median(values: list[float]) -> float:
@@ -240,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         "generator_s": g, "discriminator_s": d, "iteration_s": g + d, "voxels_per_s": batch * math.prod(crop) / (g + d),
         "encode_one_volume_s": encode_s, "decode_one_volume_s": decode_s,
-        "peak_rss_gib": rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
         # CPU seconds of this process per iteration (all threads): less sensitive than wall time to other
         # processes sharing the cores; about threads x wall time on an idle machine.
         "cpu_s_per_iteration": median(cpu_times),

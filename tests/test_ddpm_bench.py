@@ -62,3 +62,13 @@ def test_a_case_past_its_time_limit_is_reported_as_timed_out(capsys):
     assert [(r["case"], r["error"]) for r in results] == [("train_large_b2", "timed out after 1 s")]
     assert "step_s" not in results[0] and "peak_gib" not in results[0]  # nothing measured is reported
     assert "train_large_b2: timed out after 1 s" in capsys.readouterr().out
+
+
+def test_a_child_reports_its_own_peak_not_its_parents():
+    """getrusage's ru_maxrss survives exec (a child starts from its parent's RSS); the benchmarks' peak must not."""
+    import numpy as np
+
+    ballast = np.ones(2**26)  # 0.5 GiB resident in this (parent) process
+    done = subprocess.run([sys.executable, "-c", "from benchmarks.common import peak_rss_gib; print(peak_rss_gib())"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert float(done.stdout) < 0.1 and ballast.sum() == 2**26
