@@ -13,13 +13,14 @@ torch and the resident models included; CUDA: peak allocated). The model is resi
 UNet, EMA copy). Cases:
 - training step (forward, backward, AdamW, EMA update) on stage-1 latents with the label map at image resolution:
   the published code's small setting (8x16x16 latent of a 64x64x32 crop, batch 2), the paper crop (8x64x64 latent
-  of 256x256x32) at batch 1 (published: 20.8 s) and batch 2;
+  of 256x256x32) at batch 1 (published: 15.6 s) and batch 2;
 - synthesis of one volume from its label map, decoding included, per sampler and step count, with classifier-free
   guidance (scale 1.5: conditional and null passes in one batch) as the published code sampled.
 
-Published code (2-core CPU, SPADE UNet 64 ch x (1,2,4,8), 37 classes, 64-channel mask compressor, 500 timesteps):
-training step 2.05 s / 1.6 GiB (8x16x16, batch 2) and 20.8 s / 4.4 GiB (8x64x64, batch 1); one guided step 1.1 s
-on 8x16x16, 500 steps per volume (550 s before decoding).
+Published code, measured side by side with ours in one run on a 2-core CPU (issue 15; SPADE UNet 64 ch x
+(1,2,4,8), 37 classes, 64-channel mask compressor, 500 timesteps): training step 1.26 s / 1.58 GiB (8x16x16,
+batch 2) and 15.6 s / 4.74 GiB (8x64x64, batch 1); one guided step 0.644 s on 8x16x16, 500 steps per volume
+(322 s before decoding).
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ if str(PROJECT_ROOT) not in sys.path:
 from benchmarks.common import peak_rss_gib, run_case_in_child, sync  # noqa: E402
 
 BASELINE = {
-    "train_small": {"step_s": 2.05, "peak_gib": 1.6},
-    "train_large_b1": {"step_s": 20.8, "peak_gib": 4.4},
-    "guided_step_s": 1.1, "steps": 500,
+    "train_small": {"step_s": 1.26, "peak_gib": 1.58},
+    "train_large_b1": {"step_s": 15.6, "peak_gib": 4.74},
+    "guided_step_s": 0.644, "steps": 500,
 }
 TRAIN_CASES = {"train_small": ([64, 64, 32], 2), "train_large_b1": ([256, 256, 32], 1),
                "train_large_b2": ([256, 256, 32], 2)}
@@ -208,7 +209,7 @@ def describe(result: dict) -> str:
             f"decode {result['decode_s']:.2f} s), peak {result['peak_gib']:.2f} GiB (ddpm.sample's estimate "
             f"{result['estimated_gib']:.2f} GiB)")
     if "speedup_vs_published_500_steps" in result:
-        text += (f" | vs published 500 x 1.1 s: {result['speedup_vs_published_500_steps']:.0f}x faster "
+        text += (f" | vs published 500 x 0.644 s: {result['speedup_vs_published_500_steps']:.0f}x faster "
                  f"(per step {result['step_speedup_vs_published']:.1f}x)")
     return text
 

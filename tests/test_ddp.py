@@ -305,17 +305,22 @@ def diffusion_task(rank, out_dir):
                     val_check_interval=2)
     lit = LitDiffusion(cfg)
     seen = []
-    encode = lit.model.encode_unscaled
+    fit = lit._fit_scale_factor
 
-    def recording_encode(image):
-        z = encode(image).double()
-        seen.append([float(z.numel()), float(z.sum()), float(z.square().sum())])
-        return encode(image)
+    def recording_fit(loader):  # the latents of the batches the scale factor is computed from
+        def batches():
+            for batch in loader:
+                z = batch["latent"].double()
+                seen.append([float(z.numel()), float(z.sum()), float(z.square().sum())])
+                yield batch
+        return fit(batches())
 
-    lit.model.encode_unscaled = recording_encode
-    trainer = common.run_training(cfg, lit, VolumeDataModule(cfg.dataset, cfg.train.run_dir))
+    lit._fit_scale_factor = recording_fit
+    datamodule = VolumeDataModule(cfg.dataset, cfg.train.run_dir)
+    trainer = common.run_training(cfg, lit, datamodule)
     return {"step": trainer.global_step, "scale_factor": float(lit.model.scale_factor),
             "scale_stats": seen[: int(cfg.model.scale_factor_batches)],
+            "latent_cache": type(datamodule.train_set).__name__,
             "weights": fingerprint(lit.model.unet.parameters()),
             "ema": fingerprint(lit.model.ema_unet.parameters())}
 
@@ -329,6 +334,7 @@ def test_stage2_scale_factor_pools_every_ranks_latents_and_is_identical(ddp_resu
     pooled = 1.0 / np.sqrt(squares / count - (total / count) ** 2)
     assert r0["scale_factor"] == pytest.approx(pooled, rel=1e-6)
     assert r0["scale_stats"] != r1["scale_stats"]  # the ranks drew different crops
+    assert r0["latent_cache"] == r1["latent_cache"] == "LatentCropDataset"  # encoded once, by local rank zero
     assert r0["weights"] == r1["weights"] and r0["ema"] == r1["ema"]
 
 
