@@ -25,5 +25,5 @@ python -m train.export_split run_dir=runs/diffusion-demo out=runs/demo-eval/trai
 # Are the synthetic scans copies of training scans? Nearest training volume by NCC and by segmenter features.
 python -m evaluation.memorization train=runs/demo-eval/train/images fake=runs/demo-eval/samples \
     out=runs/demo-eval/memorization overwrite=true features=segmenter \
-    segmenter=runs/demo-eval/segmentation/segmenter.pt
+    segmenter_weights=runs/demo-eval/segmentation/segmenter.pt
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

@@ -66,7 +66,7 @@ class Featurizer:
     def __init__(self, cfg, device: torch.device):
         self.kind = cfg.features
         if self.kind == "segmenter":
-            self.net = SegmenterFeatures(cfg.segmenter, device=device, domain="native")
+            self.net = SegmenterFeatures(cfg.segmenter_weights, device=device, domain="native")
         elif self.kind == "medicalnet":
             self.net = MedicalNetFeatures(cfg.medicalnet.weights, depth=cfg.medicalnet.depth, device=device)
         elif self.kind != "thumbnail":
