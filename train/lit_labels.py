@@ -16,6 +16,7 @@ autoencoder phase, so `best.ckpt` always holds a trained generator.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -35,6 +36,8 @@ from train.lit_diffusion import VAL_TIMESTEP_QUANTILES, case_seed
 from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def build_generator(cfg: DictConfig) -> tuple[LabelGenerator, dict[str, int]]:
@@ -117,7 +120,7 @@ class LitLabels(pl.LightningModule):
             if not std > 0:
                 raise UserError("training label maps: their latents have zero variance (all maps identical?)")
             self.model.scale_factor.fill_(1.0 / std)
-            print(f"latent scale factor {1.0 / std:.5f} (1/std of {stacked.numel()} latent values)", flush=True)
+            log.info("latent scale factor %.5f (1/std of %d latent values)", 1.0 / std, stacked.numel())
 
     # training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
