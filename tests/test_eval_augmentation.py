@@ -27,6 +27,7 @@ from evaluation.augmentation import (
     regime_subsets,
     training_pool,
 )
+from ddpm_tiny import one_thread  # noqa: F401  (the shared fixture)
 from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 
@@ -106,14 +107,6 @@ def test_the_headline_is_one_of_the_lesion_classes_the_segmenter_favours():
         headline_class(*_classes_cfg(["dataset.lesion_classes=[class_3]", "lesion_class=1"]))
     with pytest.raises(UserError, match="lesion_class"):
         headline_class(*_classes_cfg([]))
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def image_of(label: np.ndarray, rng) -> np.ndarray:
