@@ -27,6 +27,7 @@ from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.segmenter import (
     Volume,
     evaluate_dice,
+    load_segmenter,
     mean_per_class,
     preprocess_synthetic,
     save_segmenter,
@@ -100,6 +101,20 @@ def ratio(synthetic: float, real: float) -> float:
     return synthetic / real if real > 0 and not math.isnan(synthetic) else float("nan")
 
 
+def reused_segmenter(cfg, split: dict, device):
+    """The segmenter of `segmenter_weights`, refused if it was trained on a case of this test split."""
+    model = load_segmenter(cfg.segmenter_weights, cfg, device)
+    if model.train_cases is None:
+        log.warning("%s does not list its training cases: cannot check that it never saw a test case",
+                    cfg.segmenter_weights)
+    else:
+        leaked = sorted(set(model.train_cases) & set(split["test"]))
+        if leaked:
+            raise UserError(f"{cfg.segmenter_weights}: the segmenter was trained on test case(s) "
+                            f"{', '.join(leaked[:5])} of this split")
+    return model
+
+
 def training_record(model) -> dict:
     return {"steps": model.steps, "best_step": model.best_step, "seconds": round(model.seconds, 1),
             "validations": model.history}
@@ -107,7 +122,9 @@ def training_record(model) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
-    outputs = {name: out / name for name in ("segmentation.json", "per_case.csv", "segmenter.pt")}
+    reuse = cfg.segmenter_weights is not None
+    names = ("segmentation.json", "per_case.csv") + (() if reuse else ("segmenter.pt",))
+    outputs = {name: out / name for name in names}
     for path in outputs.values():
         check_writable(path, cfg.overwrite)
     device = resolve_device(cfg.device)
@@ -123,14 +140,19 @@ def run(cfg: DictConfig) -> dict:
         synthetic = synthetic_volumes(cfg.synthetic, cases_by_id, used, split, cfg.dataset)
 
     rows = []
-    log.info("training the segmenter on %d real cases, validating on %d (at most %s steps)", len(real["train"]),
-             len(real["val"]), cfg.segmenter.train.max_steps)
-    model = train_segmenter(real["train"], real["val"], cfg, int(cfg.seed), device=device)
-    save_segmenter(model, outputs["segmenter.pt"], dataset_cfg=cfg.dataset, overwrite=cfg.overwrite,
-                   train_cases=split["train"])
+    if reuse:
+        model = reused_segmenter(cfg, split, device)
+    else:
+        log.info("training the segmenter on %d real cases, validating on %d (at most %s steps)",
+                 len(real["train"]), len(real["val"]), cfg.segmenter.train.max_steps)
+        model = train_segmenter(real["train"], real["val"], cfg, int(cfg.seed), device=device)
+        save_segmenter(model, outputs["segmenter.pt"], dataset_cfg=cfg.dataset, overwrite=cfg.overwrite,
+                       train_cases=split["train"])
     real_results = evaluate_dice(model, real["test"])
     rows += case_rows("fidelity", "real", int(cfg.seed), real_results)
     results = {"dice_real_test": summarise_dice(real_results), "training": training_record(model)}
+    if reuse:
+        results["training"]["reused"] = str(cfg.segmenter_weights)
     if synthetic["test"]:
         syn_results = evaluate_dice(model, synthetic["test"])
         rows += case_rows("fidelity", "synthetic", int(cfg.seed), syn_results)

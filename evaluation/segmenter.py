@@ -14,11 +14,13 @@ API (`evaluation.segmentation`, `evaluation.augmentation`):
 - `predict(model, image) -> label map` (int64, the image's shape).
 - `evaluate_dice(model, cases) -> {case_id: {class name: dice}}`: background excluded, the lesion classes first,
   NaN where a class is absent from both the prediction and the label map. `mean_per_class` averages it.
-- `save_segmenter(model, path, *, dataset_cfg, overwrite, train_cases)`.
+- `save_segmenter(model, path, *, dataset_cfg, overwrite, train_cases)`; `load_segmenter(path, cfg, device)` reads
+  it back for the same data set (a file of another data set, grid or intensity map is a one-line error).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +38,7 @@ from dataset.geometry import to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import load_nifti
 from dataset.validate import class_names as dataset_class_names
-from evaluation.features import SEGMENTER_KIND, build_segmenter
+from evaluation.features import SEGMENTER_KIND, build_segmenter, load_segmenter_file
 from evaluation.metrics import dice_per_class
 from layers.tiling import tiled_apply
 from utils.atomic import atomic_path
@@ -188,6 +190,7 @@ class Segmenter:
     best_step: int | None = None                        # the step whose weights were kept (None: the last)
     history: list[dict] = field(default_factory=list)   # validations: step, score, Dice per class
     seconds: float = 0.0                                # training wall time, validations included
+    train_cases: list[str] | None = None                # read back from a saved file (None: not recorded)
 
 
 class CropSampler:
@@ -330,9 +333,35 @@ def save_segmenter(model: Segmenter, path: Path, *, dataset_cfg, overwrite: bool
         "class_names": list(model.settings.class_names),
         "dataset": str(dataset_cfg.name),
         "n_train_cases": len(train_cases),
+        "train_cases": list(train_cases),
         "steps": model.steps,
         "best_step": model.best_step,
     }
     with atomic_path(path, overwrite) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def load_segmenter(path, cfg, device: torch.device) -> Segmenter:
+    """A segmenter saved by `save_segmenter`, for the data set of `cfg.dataset` (its name, classes, spacing and
+    intensity map must match the file's); the inference settings come from `cfg.segmenter`."""
+    saved = load_segmenter_file(path)
+    dataset_cfg = cfg.dataset
+    expected = {
+        "dataset": str(dataset_cfg.name),
+        "class_names": dataset_class_names(dataset_cfg),
+        "spacing": [float(s) for s in dataset_cfg.spacing],
+        "intensity": OmegaConf.to_container(dataset_cfg.intensity, resolve=True),
+    }
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            raise UserError(f"{path}: segmenter trained with {key} {saved.get(key)!r}, this data set has {value!r}")
+    settings = dataclasses.replace(settings_from(cfg), network=saved["network"],
+                                   crop_size=[int(c) for c in saved["crop_size"]])
+    net = build_segmenter(settings.network)
+    try:
+        net.load_state_dict(saved["state_dict"])
+    except RuntimeError:
+        raise UserError(f"{path}: segmenter weights do not fit its network settings") from None
+    return Segmenter(net.to(device).eval(), settings, device, steps=int(saved.get("steps", 0)),
+                     best_step=saved.get("best_step"), train_cases=saved.get("train_cases"))
