@@ -198,6 +198,23 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert "dice_background" not in rows[0] and {"dice_class_1", "dice_class_2", "dice_mean"} <= set(rows[0])
     assert sorted(r["source"] for r in rows) == ["real", "real", "synthetic", "synthetic"]  # sources x cases
 
+    # segmenter_weights=: the saved segmenter evaluates again without training, with the same Dice
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        reuse_cfg = compose("segmentation", overrides=[
+            *overrides, f"out={tmp_path / 'again'}", f"segmenter_weights={tmp_path / 'out' / 'segmenter.pt'}"])
+    segmentation.run(reuse_cfg)
+    assert trained_on == [split["train"]]  # nothing trained the second time
+    again = json.loads((tmp_path / "again" / "segmentation.json").read_text())["metrics"]
+    assert again["dice_real_test"]["per_class"] == real["per_class"]
+    assert again["training"]["reused"].endswith("segmenter.pt") and not (tmp_path / "again" / "segmenter.pt").exists()
+    for extra, message in (("dataset.split.seed=5", "trained on test case"),  # other split: test cases it saw
+                           ("dataset.spacing=[3,3,3]", "spacing")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            bad_cfg = compose("segmentation", overrides=[*reuse_cfg_overrides(overrides, tmp_path), extra])
+        with pytest.raises(UserError, match=message):
+            segmentation.run(bad_cfg)
+        assert not (tmp_path / "bad" / "segmentation.json").exists()
+
     # the segmenter trained on real data is a 3D feature extractor that needs no download
     out = tmp_path / "eval"
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
@@ -210,6 +227,10 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert results["fid_3d_segmenter"]["value"] >= 0 and results["fid_3d_segmenter"]["n_real"] == 8
     assert "segmenter" in results["fid_3d_segmenter"]["settings"]["network"]
     assert np.isfinite(results["mmd_3d_segmenter"]["value"])
+
+
+def reuse_cfg_overrides(overrides, tmp_path):
+    return [*overrides, f"out={tmp_path / 'bad'}", f"segmenter_weights={tmp_path / 'out' / 'segmenter.pt'}"]
 
 
 def test_synthetic_folders_merge_and_refuse_a_repeated_stem(tmp_path):
