@@ -39,7 +39,8 @@ class Intensity:
     data_range: float
     window: tuple[float, float] | None  # native -> [-1, 1] for the 2D networks; None in the other domains
     foreground_only: bool
-    percentiles: tuple[float, float] | None = None  # domain=percentile: each volume's own -> -1 and 1
+    percentiles: tuple[float, float] | None = None  # domain=percentile: each volume's own -> -1 and 1 - 2 headroom
+    headroom: float = 0.0                             # domain=percentile: kept above the upper percentile
     clip: tuple[float, float] | None = None  # native: real and synthetic clipped to the model's window
     clip_source: str = ""  # where the clipping window came from, or why nothing is clipped
 
@@ -47,6 +48,7 @@ class Intensity:
         out = {"domain": self.domain, "data_range": self.data_range, "foreground_only": self.foreground_only}
         if self.percentiles is not None:
             out["percentiles"] = list(self.percentiles)
+            out["headroom"] = self.headroom
         if self.domain == "native":
             out["clipped_to_window"] = None if self.clip is None else list(self.clip)
         return out
@@ -63,7 +65,8 @@ class Intensity:
         if self.percentiles is None:
             return volume
         lower, upper = self.percentiles
-        return PercentileNormalizer(lower=lower, upper=upper).forward(volume)[0].astype(np.float32)
+        normalizer = PercentileNormalizer(lower=lower, upper=upper, headroom=self.headroom)
+        return normalizer.forward(volume)[0].astype(np.float32)
 
 
 def model_window(cfg) -> tuple[tuple[float, float] | None, str]:
@@ -100,14 +103,17 @@ def parse_intensity(cfg, has_labels: bool) -> Intensity:
         data_range = 2.0 if clip is None else clip[1] - clip[0]
     if not float(data_range) > 0:
         raise UserError(f"data_range={data_range}: must be positive")
-    percentiles = None
+    percentiles, headroom = None, float(cfg.headroom)
     if cfg.domain == "percentile":
         percentiles = (float(cfg.percentiles[0]), float(cfg.percentiles[1]))
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise UserError(f"percentiles={list(cfg.percentiles)}: need 0 <= lower < upper <= 100")
+        if not 0 <= headroom < 0.5:
+            raise UserError(f"headroom={cfg.headroom}: need 0 <= headroom < 0.5")
     if cfg.foreground_only and not has_labels:
         raise UserError("foreground_only=true needs labels=DIR (the foreground is label > 0)")
-    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only), percentiles, clip, source)
+    return Intensity(cfg.domain, float(data_range), window, bool(cfg.foreground_only), percentiles, headroom, clip,
+                     source)
 
 
 def requested_metrics(cfg) -> list[str]:

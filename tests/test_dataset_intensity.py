@@ -39,6 +39,29 @@ def test_percentile_params_make_the_map_invertible():
     np.testing.assert_allclose(normalizer.forward(volume * 3.0)[0], normalised, atol=1e-5)
 
 
+def test_percentile_headroom_keeps_a_rare_bright_lesion():
+    """A lesion brighter than the upper percentile (0.1 % of the voxels) is flattened to the brightest tissue
+    without headroom and keeps its contrast with it; the map stays invertible up to 1 / (1 - headroom) x span."""
+    rng = np.random.default_rng(2)
+    volume = np.concatenate([np.zeros(30000), rng.normal(500.0, 10.0, 9960), np.full(40, 700.0)]).astype(np.float32)
+    lesion = volume == 700.0
+    tissue = ~lesion & (volume > 0)
+    flat, _ = build_normalizer({"kind": "percentile", "lower": 0.5, "upper": 99.5}).forward(volume)
+    assert flat[lesion].mean() - np.percentile(flat[tissue], 99) < 0.06   # flattened onto the brightest tissue
+    kept_map = build_normalizer({"kind": "percentile", "lower": 0.5, "upper": 99.5, "headroom": 0.3})
+    kept, params = kept_map.forward(volume)
+    low, high = params["low"], params["high"]
+    # low -> -1, high -> 1 - 2 x 0.3 = 0.4, so 700 (inside 1 / 0.7 of the span above low) is not clipped
+    assert kept[volume == low].min() == pytest.approx(-1.0) and kept.max() < 1.0
+    np.testing.assert_allclose(kept[lesion], -1.0 + 1.4 * (700.0 - low) / (high - low), rtol=1e-5)
+    assert kept[lesion].mean() - np.percentile(kept[tissue], 99) > 0.3
+    np.testing.assert_allclose(kept_map.inverse(kept, params), volume, rtol=1e-4, atol=0.05)
+    spiked = np.where(lesion, 5000.0, volume).astype(np.float32)  # beyond the headroom: clipped
+    assert (kept_map.forward(spiked)[0][lesion] == 1.0).all()
+    with pytest.raises(UserError, match="headroom"):
+        build_normalizer({"kind": "percentile", "lower": 0.5, "upper": 99.5, "headroom": 0.5})
+
+
 def test_percentile_inverse_without_params_uses_the_reference():
     normalizer = PercentileNormalizer(lower=1.0, upper=99.0)
     with pytest.raises(ValueError, match="reference"):

@@ -53,15 +53,16 @@ def test_checkpoint_round_trips_split_and_data_settings(compose_cfg, data_root, 
     assert meta["split"] == split and sorted(sum(split.values(), [])) == [f"case{i:03d}" for i in range(10)]
     assert meta["dataset"] == {"name": "phantom", "modality": "mr", "label_nc": 3, "class_names": ["bg", "a", "b"],
                                "spacing": [1.0, 1.0, 2.0], "crop_size": [16, 16, 8],
-                               "intensity": {"kind": "percentile", "lower": 0.5, "upper": 99.5}}
+                               "intensity": {"kind": "percentile", "lower": 0.5, "upper": 99.5, "headroom": 0.3}}
 
 
 @pytest.mark.parametrize("override, message", [
     ("dataset.name=other", "name 'phantom' in the stage-1 checkpoint, 'other' in the dataset config"),
     ("dataset.spacing=[2.0,2.0,2.0]", "spacing [1.0, 1.0, 2.0] in the stage-1 checkpoint, [2.0, 2.0, 2.0] in the "
                                       "dataset config"),
-    ("dataset.intensity.upper=99.0", "intensity {'kind': 'percentile', 'lower': 0.5, 'upper': 99.5} in the "
-                                     "stage-1 checkpoint, {'kind': 'percentile', 'lower': 0.5, 'upper': 99.0}"),
+    ("dataset.intensity.upper=99.0", "intensity {'kind': 'percentile', 'lower': 0.5, 'upper': 99.5, 'headroom': "
+                                     "0.3} in the stage-1 checkpoint, {'kind': 'percentile', 'lower': 0.5, "
+                                     "'upper': 99.0, 'headroom': 0.3}"),
     ("dataset.modality=ct", "modality 'mr' in the stage-1 checkpoint, 'ct' in the dataset config"),
     ("dataset.label_nc=4", "label_nc 3 in the stage-1 checkpoint, 4 in the dataset config"),
     ("dataset.class_names=[bg,b,a]", "label classes ['bg', 'a', 'b'] in the stage-1 checkpoint, ['bg', 'b', 'a']"),
