@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset import cache  # noqa: E402
-from dataset.crops import sample_crop  # noqa: E402
+from dataset.crops import draw_centre, sample_crop  # noqa: E402
 from dataset.layout import find_cases  # noqa: E402
 from dataset.phantoms import write_phantom_dataset  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -55,8 +55,8 @@ def main() -> None:
 
         def cached_crop(folder):
             entry = cache.read_entry(folder)
-            image, label = sample_crop(entry.image, entry.label, args.crop, foreground=entry.foreground,
-                                       foreground_prob=0.5)
+            centre = draw_centre(entry.foreground, entry.class_locations, foreground_prob=0.5)
+            image, label = sample_crop(entry.image, entry.label, args.crop, centre=centre)
             return np.array(image), np.array(label)
 
         read = np.mean([_seconds(lambda f=f: cached_crop(f), repeat=5) for f in folders])

@@ -2,7 +2,8 @@
 
 Layout: `<cache_dir>/preprocessed/<name>-<settings hash>/<case_id>-<file hash>/` holding `image.npy` (float32,
 model grid, normalised), `label.npy` (smallest integer type), `foreground.npy` (sample of foreground voxel
-coordinates for foreground-aware crops) and `meta.json` (grid info, intensity params, check statistics, source
+coordinates for foreground-aware crops), `class_locations.npz` (a sample of each foreground class's voxel
+coordinates, for crops centred on a rare class) and `meta.json` (grid info, intensity params, check statistics, source
 file stats). The settings hash covers everything that changes the arrays; the file hash covers path, size and
 modification time of the image and label, so an entry is reused exactly while settings and files are unchanged.
 Entries are written into a temporary folder and renamed into place; nothing is ever written into the data folder.
@@ -27,8 +28,9 @@ from utils.atomic import atomic_folder
 from utils.errors import UserError
 from utils.paths import cache_dir
 
-CACHE_VERSION = 1  # bump when the preprocessing code changes what it writes
+CACHE_VERSION = 2  # bump when the preprocessing code changes what it writes
 MAX_FOREGROUND_SAMPLES = 20000
+MAX_CLASS_SAMPLES = 5000  # per foreground class
 
 
 @dataclass
@@ -40,6 +42,7 @@ class PreprocessedCase:
     intensity_params: dict
     foreground: np.ndarray  # int32 (N, 3) voxel coordinates with label > 0 (a sample, possibly empty)
     stats: CaseStats
+    class_locations: dict[int, np.ndarray]  # class -> int32 (N, 3) coordinates of its voxels (a sample)
 
 
 def _digest(data) -> str:
@@ -82,12 +85,16 @@ def cached_stats(case: Case, cfg: Mapping) -> CaseStats | None:
     return CaseStats.from_dict(json.loads(meta.read_text())["stats"])
 
 
-def _foreground_sample(label: np.ndarray, case_id: str) -> np.ndarray:
-    coords = np.argwhere(label > 0).astype(np.int32)
-    if len(coords) > MAX_FOREGROUND_SAMPLES:
+def _coordinate_sample(mask: np.ndarray, case_id: str, limit: int) -> np.ndarray:
+    coords = np.argwhere(mask).astype(np.int32)
+    if len(coords) > limit:
         rng = np.random.default_rng(int(_digest(case_id)[:8], 16))
-        coords = coords[np.sort(rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False))]
+        coords = coords[np.sort(rng.choice(len(coords), limit, replace=False))]
     return coords.reshape(-1, 3)
+
+
+def _class_locations(label: np.ndarray, case_id: str) -> dict[int, np.ndarray]:
+    return {int(c): _coordinate_sample(label == c, case_id, MAX_CLASS_SAMPLES) for c in np.unique(label) if c > 0}
 
 
 def preprocess_case(case: Case, cfg: Mapping) -> PreprocessedCase:
@@ -99,8 +106,9 @@ def preprocess_case(case: Case, cfg: Mapping) -> PreprocessedCase:
     label_grid, _ = to_model_grid(label, affine, spacing, is_label=True)
     normalised, params = build_normalizer(cfg.intensity).forward(image_grid)
     return PreprocessedCase(case_id=case.case_id, image=normalised, label=label_grid, grid_info=grid_info,
-                            intensity_params=params, foreground=_foreground_sample(label_grid, case.case_id),
-                            stats=stats)
+                            intensity_params=params,
+                            foreground=_coordinate_sample(label_grid > 0, case.case_id, MAX_FOREGROUND_SAMPLES),
+                            stats=stats, class_locations=_class_locations(label_grid, case.case_id))
 
 
 def _refuse_data_folder(folder: Path, case: Case) -> None:
@@ -116,6 +124,7 @@ def _write_entry(entry: PreprocessedCase, case: Case, folder: Path) -> None:
         np.save(tmp / "image.npy", entry.image)
         np.save(tmp / "label.npy", entry.label)
         np.save(tmp / "foreground.npy", entry.foreground)
+        np.savez(tmp / "class_locations.npz", **{f"class_{c}": v for c, v in entry.class_locations.items()})
         meta = {"case_id": case.case_id, "grid_info": entry.grid_info.to_dict(),
                 "intensity_params": entry.intensity_params, "stats": entry.stats.to_dict()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -135,7 +144,13 @@ def read_entry(folder: Path) -> PreprocessedCase:
         intensity_params=meta["intensity_params"],
         foreground=np.load(folder / "foreground.npy"),
         stats=CaseStats.from_dict(meta["stats"]),
+        class_locations=read_class_locations(folder),
     )
+
+
+def read_class_locations(folder: Path) -> dict[int, np.ndarray]:
+    with np.load(folder / "class_locations.npz") as saved:
+        return {int(key.removeprefix("class_")): saved[key] for key in saved.files}
 
 
 def ensure_cached(case: Case, cfg: Mapping) -> Path:

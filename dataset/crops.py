@@ -1,12 +1,13 @@
 """Cropping and padding on the model grid (numpy arrays, axes X, Y, Z).
 
-Training crops are random, optionally centred on a foreground voxel; validation crops are centred. Volumes
+Training crops are random, optionally centred on a voxel of a rare (lesion) class or on any foreground voxel;
+validation crops are centred. Volumes
 smaller than the crop are padded symmetrically (images with -1, the normalised minimum; labels with 0).
 `pad_to_multiple`/`unpad` let a whole volume pass through a network that down-samples by a fixed factor.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,16 +59,29 @@ def random_start(shape: Sequence[int], size: Sequence[int], generator: torch.Gen
     return [int(min(max(c - s // 2, 0), n - s)) for n, s, c in zip(shape, size, centre)]
 
 
-def sample_crop(image: np.ndarray, label: np.ndarray, size: Sequence[int], *, foreground: np.ndarray,
-                foreground_prob: float, generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Random training crop of `size`; with probability `foreground_prob` (and if there is foreground) the
-    crop is centred on a random foreground voxel (given as coordinates in the unpadded volume)."""
+def draw_centre(foreground: np.ndarray, class_locations: Mapping[int, np.ndarray], *, foreground_prob: float,
+                class_prob: float = 0.0, classes: Sequence[int] = (),
+                generator: torch.Generator | None = None) -> np.ndarray | None:
+    """Where a training crop is centred (a voxel of the unpadded volume), or None for a uniform crop: with
+    probability `class_prob`, a voxel of one of `classes` (drawn uniformly among those the case holds; the rare
+    lesion classes, as nnU-Net oversamples its foreground classes); otherwise, with probability
+    `foreground_prob`, any foreground voxel."""
+    held = [c for c in classes if len(class_locations.get(c, ()))]
+    if held and float(torch.rand((), generator=generator)) < class_prob:
+        voxels = class_locations[held[int(torch.randint(0, len(held), (1,), generator=generator))]]
+        return voxels[int(torch.randint(0, len(voxels), (1,), generator=generator))]
+    if len(foreground) and float(torch.rand((), generator=generator)) < foreground_prob:
+        return foreground[int(torch.randint(0, len(foreground), (1,), generator=generator))]
+    return None
+
+
+def sample_crop(image: np.ndarray, label: np.ndarray, size: Sequence[int], *, centre: np.ndarray | None = None,
+                generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training crop of `size` around `centre` (a voxel of the unpadded volume; `draw_centre`), or uniform."""
     image, pads = pad_to_at_least(image, size, IMAGE_PAD_VALUE)
     label, _ = pad_to_at_least(label, size, LABEL_PAD_VALUE)
-    centre = None
-    if len(foreground) and float(torch.rand((), generator=generator)) < foreground_prob:
-        voxel = foreground[int(torch.randint(0, len(foreground), (1,), generator=generator))]
-        centre = [int(v) + before for v, (before, _) in zip(voxel, pads)]
+    if centre is not None:
+        centre = [int(v) + before for v, (before, _) in zip(centre, pads)]
     start = random_start(image.shape, size, generator, centre)
     return crop(image, start, size), crop(label, start, size)
 

@@ -1,7 +1,7 @@
 """`VolumeDataModule`: checked, split, preprocessed volumes as batches of crops.
 
 Batches are dicts `{"image": float (B, 1, X, Y, Z) in [-1, 1], "label": long (B, 1, X, Y, Z),
-"case_id": list[str]}`. Training: random (foreground-aware) crops with augmentation; validation: centre crops.
+"case_id": list[str]}`. Training: random crops (centred on a lesion or a foreground voxel at the configured rates) with augmentation; validation: centre crops.
 Only train and val cases are ever preprocessed or loaded here; the test split is left to evaluation.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +21,48 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import cache
+from dataset.attributes import lesion_classes
 from dataset.augment import build_augmentation
-from dataset.crops import center_crop, sample_crop
+from dataset.crops import center_crop, draw_centre, sample_crop
 from dataset.intensity import build_normalizer, reference_params
 from dataset.layout import Case, as_config
 from dataset.split import select, split_for, write_split
 from dataset.validate import DatasetSummary, validate_dataset
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropCentres:
+    """Where training crops are centred (`dataset.crops.draw_centre`): a lesion voxel with `lesion_prob` (in cases
+    that hold one of `lesion_classes`), else a foreground voxel with `foreground_prob`, else anywhere."""
+
+    foreground_prob: float = 0.0
+    lesion_prob: float = 0.0
+    lesion_classes: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "CropCentres":
+        lesion_prob = float(cfg.lesion_crop_prob)
+        if not 0.0 <= lesion_prob <= 1.0:
+            raise UserError(f"dataset.lesion_crop_prob: must lie in [0, 1], got {cfg.lesion_crop_prob}")
+        return cls(float(cfg.foreground_crop_prob), lesion_prob, tuple(sorted(lesion_classes(cfg).values())))
+
+    def draw(self, case, generator: torch.Generator | None = None):
+        return draw_centre(case.foreground, case.class_locations, foreground_prob=self.foreground_prob,
+                           class_prob=self.lesion_prob, classes=self.lesion_classes, generator=generator)
 
 
 class CropDataset(Dataset):
     """One crop per preprocessed case; arrays are memory-mapped from the cache on each access."""
 
     def __init__(self, entries: Sequence[Path], crop_size: Sequence[int], *, train: bool,
-                 foreground_prob: float = 0.0, augmentation=None):
+                 centres: CropCentres | None = None, augmentation=None):
         self.entries = list(entries)
         self.crop_size = [int(s) for s in crop_size]
         self.train = train
-        self.foreground_prob = float(foreground_prob)
+        self.centres = centres or CropCentres()
         self.augmentation = augmentation
 
     def __len__(self) -> int:
@@ -47,8 +71,7 @@ class CropDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         case = cache.read_entry(self.entries[index])
         if self.train:
-            image, label = sample_crop(case.image, case.label, self.crop_size, foreground=case.foreground,
-                                       foreground_prob=self.foreground_prob)
+            image, label = sample_crop(case.image, case.label, self.crop_size, centre=self.centres.draw(case))
         else:
             image, label = center_crop(case.image, case.label, self.crop_size)
         image = torch.from_numpy(np.array(image, dtype=np.float32))
@@ -114,7 +137,7 @@ class VolumeDataModule(pl.LightningDataModule):
             cfg = self.cfg
             self.train_set = CropDataset(
                 [self._entries[c.case_id] for c in self.train_cases], cfg.crop_size, train=True,
-                foreground_prob=float(cfg.foreground_crop_prob),
+                centres=CropCentres.from_config(cfg),
                 augmentation=build_augmentation(cfg.augment, cfg.spacing))
             self.val_set = CropDataset([self._entries[c.case_id] for c in self.val_cases], cfg.crop_size,
                                        train=False)

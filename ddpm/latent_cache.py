@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from dataset import cache
 from dataset.crops import IMAGE_PAD_VALUE, LABEL_PAD_VALUE
+from dataset.datamodule import CropCentres
 from dataset.layout import as_config
 from layers.tiling import encode_tiled
 from utils.atomic import atomic_folder
@@ -140,21 +141,21 @@ class LatentCache:
 
 class LatentCropDataset(Dataset):
     """Random latent crops of `crop_size` image voxels (origin on the stage-1 grid), with the label map cropped
-    to match; foreground-aware with `foreground_prob` as the image-space crops are."""
+    to match; centred as the image-space crops are (`dataset.datamodule.CropCentres`)."""
 
-    def __init__(self, latent_cache: LatentCache, entries: Sequence[Path], *, foreground_prob: float):
+    def __init__(self, latent_cache: LatentCache, entries: Sequence[Path], *, centres: CropCentres):
         self.cache = latent_cache
         self.entries = list(entries)
-        self.foreground_prob = float(foreground_prob)
+        self.centres = centres
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def latent_start(self, latent_shape: Sequence[int], pads, foreground: np.ndarray,
+    def latent_start(self, latent_shape: Sequence[int], pads, voxel: np.ndarray | None,
                      generator: torch.Generator | None = None) -> list[int]:
+        """Latent crop origin around `voxel` (of the unpadded volume), or uniform when None."""
         size = [s // f for s, f in zip(self.cache.crop_size, self.cache.factor)]
-        if len(foreground) and float(torch.rand((), generator=generator)) < self.foreground_prob:
-            voxel = foreground[int(torch.randint(0, len(foreground), (1,), generator=generator))]
+        if voxel is not None:
             centre = [(int(v) + before) / f for v, (before, _), f in zip(voxel, pads, self.cache.factor)]
             return [int(min(max(round(c - s / 2), 0), n - s)) for c, s, n in zip(centre, size, latent_shape)]
         return [int(torch.randint(0, n - s + 1, (1,), generator=generator)) for n, s in zip(latent_shape, size)]
@@ -163,7 +164,7 @@ class LatentCropDataset(Dataset):
         entry = self.entries[index]
         case = cache.read_entry(entry)
         latent, pads = self.cache.read(entry)
-        start = self.latent_start(latent.shape[1:], pads, case.foreground)
+        start = self.latent_start(latent.shape[1:], pads, self.centres.draw(case))
         size = [s // f for s, f in zip(self.cache.crop_size, self.cache.factor)]
         window = (slice(None), *(slice(b, b + s) for b, s in zip(start, size)))
         label = padded_crop(case.label, pads, [b * f for b, f in zip(start, self.cache.factor)],
@@ -190,7 +191,6 @@ def attach_latent_cache(datamodule, vqgan: torch.nn.Module, *, device: torch.dev
         log.info("latent cache %s: %d of %d training volumes encoded now", latent_cache.root, n, len(entries))
     if barrier is not None:
         barrier()
-    datamodule.train_set = LatentCropDataset(latent_cache, entries,
-                                             foreground_prob=float(cfg.foreground_crop_prob))
+    datamodule.train_set = LatentCropDataset(latent_cache, entries, centres=datamodule.train_set.centres)
     return datamodule.train_set
 

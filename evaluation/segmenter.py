@@ -44,8 +44,6 @@ from layers.tiling import tiled_apply
 from utils.atomic import atomic_path
 from utils.errors import UserError
 
-NO_VOXELS = np.zeros((0, 3), dtype=np.int32)
-
 
 @dataclass
 class Volume:
@@ -215,12 +213,10 @@ class CropSampler:
             volume = self.holders[cls][self._index(len(self.holders[cls]))]
             voxels = volume.voxels(cls)
             jitter = np.array([self._index(2 * r + 1) - r for r in self.reach])
-            centre = (voxels[self._index(len(voxels))] + jitter)[None]
-            return sample_crop(volume.image, volume.label, size, foreground=centre, foreground_prob=1.0,
-                               generator=self.generator)
+            centre = voxels[self._index(len(voxels))] + jitter
+            return sample_crop(volume.image, volume.label, size, centre=centre, generator=self.generator)
         volume = self.pool[self._index(len(self.pool))]
-        return sample_crop(volume.image, volume.label, size, foreground=NO_VOXELS, foreground_prob=0.0,
-                           generator=self.generator)
+        return sample_crop(volume.image, volume.label, size, generator=self.generator)
 
 
 def _score(per_class: Mapping[str, float], settings: Settings) -> float:

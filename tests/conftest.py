@@ -91,3 +91,15 @@ def _edited(cfg: DictConfig, changes: dict) -> DictConfig:
 def edit_cfg():
     """`edit_cfg(cfg, {"dotted.key": value, ...}) -> DictConfig`: an edited copy (the original is untouched)."""
     return _edited
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (no OpenMP synchronisation between two workers per op), and
+    one thread is immune to other processes holding the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -3,21 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from ddpm.checkpoint import checkpoint_metadata
 from ddpm.latent_diffusion import LatentDiffusion
 from vq_gan_3d.checkpoint import save_vqgan
 from vq_gan_3d.model import VQGAN
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (no OpenMP synchronisation between two workers per op)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 TINY_UNET = dict(decoder="spade", base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],

@@ -7,8 +7,9 @@ import torch
 
 from dataset import cache
 from dataset.augment import build_augmentation
-from dataset.crops import center_crop, pad_to_multiple, sample_crop, unpad
+from dataset.crops import center_crop, draw_centre, pad_to_multiple, sample_crop, unpad
 from dataset.datamodule import VolumeDataModule, split_cases
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,10 @@ def test_reference_intensity_params_are_the_training_median(phantom_module, phan
     reference = phantom_module.reference_intensity_params()
     assert reference["high"] == pytest.approx(np.median([p["high"] for p in params]))
     normalizer = phantom_module.normalizer()
-    assert normalizer.inverse(torch.ones(1)).item() == pytest.approx(reference["high"], rel=1e-5)
+    # the upper percentile maps to 1 - 2 x headroom; 1 is 1 / (1 - headroom) of the span above the lower one
+    assert normalizer.inverse(torch.full((1,), normalizer.top)).item() == pytest.approx(reference["high"], rel=1e-5)
+    span = (reference["high"] - reference["low"]) / (1 - normalizer.headroom)
+    assert normalizer.inverse(torch.ones(1)).item() == pytest.approx(reference["low"] + span, rel=1e-5)
 
 
 def test_small_volumes_are_padded_with_minus_one_and_background(phantom_cfg, edit_cfg, tmp_path):
@@ -72,14 +76,51 @@ def test_foreground_crops_are_centred_on_foreground():
     foreground = np.argwhere(label > 0)
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
-        _, crop = sample_crop(image, label, (8, 8, 4), foreground=foreground, foreground_prob=1.0,
-                              generator=generator)
+        centre = draw_centre(foreground, {}, foreground_prob=1.0, generator=generator)
+        _, crop = sample_crop(image, label, (8, 8, 4), centre=centre, generator=generator)
         assert crop[4, 4, 2] == 2
-    hits = sum(sample_crop(image, label, (8, 8, 4), foreground=foreground, foreground_prob=0.0,
-                           generator=generator)[1].any() for _ in range(50))
+    assert draw_centre(foreground, {}, foreground_prob=0.0, generator=generator) is None
+    hits = sum(sample_crop(image, label, (8, 8, 4), generator=generator)[1].any() for _ in range(50))
     assert hits < 25  # uniform crops rarely contain one voxel
     image_crop, label_crop = center_crop(image[:6], label[:6], (8, 8, 4))
     assert image_crop.shape == (8, 8, 4) and image_crop[0].min() == -1 and label_crop[0].max() == 0
+
+
+def test_lesion_crops_are_centred_on_a_lesion_at_the_configured_rate():
+    """Class 3 (the lesion) is one voxel among 400 foreground voxels: centred crops find it at lesion_prob, a case
+    without it falls back to foreground crops, and the rate is near the configured one."""
+    foreground = np.argwhere(np.ones((20, 20, 1), bool))
+    lesion = np.array([[7, 3, 0]], dtype=np.int32)
+    locations = {1: foreground, 3: lesion}
+    generator = torch.Generator().manual_seed(1)
+    draws = [draw_centre(foreground, locations, foreground_prob=1.0, class_prob=0.3, classes=(3,),
+                         generator=generator) for _ in range(2000)]
+    share = np.mean([c is not None and tuple(c) == (7, 3, 0) for c in draws])
+    assert abs(share - 0.3) < 0.04 and all(c is not None for c in draws)
+    without = [draw_centre(foreground, {1: foreground}, foreground_prob=0.0, class_prob=1.0, classes=(3,),
+                           generator=generator) for _ in range(20)]
+    assert without == [None] * 20  # no lesion in the case, no foreground crops asked: uniform
+
+
+def test_training_crops_hold_the_lesion_at_the_configured_rate(demo_cfg, edit_cfg, tmp_path):
+    """The demo's data module (lesion_crop_prob from its config) gives crops holding lesion voxels far more
+    often than foreground crops do, and the preprocessing cache stores each class's voxel coordinates."""
+    lesion = demo_cfg.class_names.index("lesion")
+    rates = {}
+    for prob in (0.0, 1.0):
+        module = VolumeDataModule(edit_cfg(demo_cfg, {"lesion_crop_prob": prob, "crop_size": [8, 8, 8]}),
+                                  tmp_path / f"run{prob}")
+        module.setup("fit")
+        holders = [i for i, e in enumerate(module.train_set.entries) if lesion in cache.read_entry(e).class_locations]
+        assert holders  # the tiny demo has lesions in its training cases
+        torch.manual_seed(0)
+        rates[prob] = np.mean([bool((module.train_set[i]["label"] == lesion).any()) for i in holders * 10])
+        entry = cache.read_entry(module.train_set.entries[holders[0]])
+        coords = entry.class_locations[lesion]
+        assert (np.asarray(entry.label)[tuple(coords.T)] == lesion).all()
+    assert rates[1.0] == 1.0 and rates[0.0] < 0.7
+    with pytest.raises(UserError, match="lesion_crop_prob"):
+        VolumeDataModule(edit_cfg(demo_cfg, {"lesion_crop_prob": 1.5}), tmp_path / "bad").setup("fit")
 
 
 def test_pad_to_multiple_and_unpad_round_trip():

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from benchmarks import bench_diffusion
-from ddpm_tiny import one_thread  # noqa: F401
 from utils.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import torch
 from ddpm.checkpoint import load_diffusion
 from ddpm.latent_diffusion import make_denoiser
 from ddpm.samplers import SamplerSettings
-from ddpm_tiny import one_thread, save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion
 from utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,6 @@ from ddpm.latent_diffusion import denoising_loss, ema_update, sample
 from ddpm.samplers import SamplerSettings
 from ddpm.schedule import DiffusionSchedule
 from ddpm.unet import UNet3D
-from ddpm_tiny import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

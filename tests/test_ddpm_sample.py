@@ -12,7 +12,7 @@ import pytest
 from dataset.io import save_nifti
 from dataset.phantoms import phantom_affine
 from ddpm.sample import run
-from ddpm_tiny import one_thread, save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion
 from utils.errors import UserError
 from utils.paths import PROJECT_ROOT
 

@@ -18,7 +18,7 @@ from ddpm.samplers import SamplerSettings, guided, partial_start, run_sampler
 from ddpm.schedule import DiffusionSchedule
 from ddpm.unet import UNet3D
 from ddpm.windowed import unet_window_denoiser
-from ddpm_tiny import TINY_UNET, one_thread  # noqa: F401
+from ddpm_tiny import TINY_UNET
 
 SHAPE = (2, 3, 4, 4, 2)
 

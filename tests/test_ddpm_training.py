@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.checkpoint import load_diffusion
-from ddpm_tiny import TINY_UNET, one_thread, save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion  # noqa: F401
+from ddpm_tiny import TINY_UNET, save_tiny_diffusion, save_tiny_vqgan, tiny_diffusion
 from train.common import run_training
 from utils.paths import PROJECT_ROOT
 

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from ddpm.conditioning import LatentMaskCompressor, PatchEmbedding, drop_labels, onehot_on_grid
 from ddpm.unet import UNet3D
-from ddpm_tiny import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,7 +26,6 @@ from evaluation.augmentation import (
     regime_subsets,
     training_pool,
 )
-from ddpm_tiny import one_thread  # noqa: F401  (the shared fixture)
 from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 

@@ -108,13 +108,6 @@ def test_slice_sampling():
     np.testing.assert_array_equal(slices[2].numpy(), volume[:, 2, :])
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: far faster than two when other jobs share the two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_inception_from_the_wheel(one_thread):

@@ -31,13 +31,6 @@ from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks run faster on one thread than on two contended ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _cfg(overrides=()):

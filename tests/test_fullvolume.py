@@ -20,7 +20,7 @@ from ddpm.sample import run as run_sample
 from ddpm.samplers import SamplerSettings, partial_start, run_sampler
 from ddpm.windowed import WindowedDenoiser, checkpoint_window, parse_window, unet_window_denoiser
 from layers.tiling import TileGrid, axis_weights, decode_tiled, encode_tiled, window_weight
-from ddpm_tiny import one_thread, save_tiny_diffusion, tiny_diffusion, tiny_vqgan  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, tiny_diffusion, tiny_vqgan
 from fullvolume_phantom import SHAPE, phantom_images, trained_phantom_model, wide_labels
 from utils.errors import UserError
 

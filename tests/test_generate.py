@@ -13,7 +13,7 @@ from dataset.attributes import measure, read_requested_csv
 from dataset.validate import validate_dataset
 from ddpm.generate import run
 from ddpm.label_generator import grid_affine, save_label_generator
-from ddpm_tiny import one_thread, save_tiny_diffusion, tiny_diffusion  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from utils.errors import UserError
 

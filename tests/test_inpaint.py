@@ -17,7 +17,7 @@ from ddpm.inpaint import blend_back, latent_box, region_zone, run
 from ddpm.latent_diffusion import make_denoiser, sample
 from ddpm.repaint import repaint
 from ddpm.samplers import SamplerSettings, partial_grid, partial_start, run_sampler
-from ddpm_tiny import one_thread, save_tiny_diffusion, tiny_diffusion  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
 from fullvolume_phantom import SHAPE, phantom_images, trained_phantom_model
 from utils.errors import UserError
 from utils.paths import PROJECT_ROOT

@@ -12,7 +12,7 @@ from dataset.attributes import LesionAttributes
 from ddpm.label_generator import (AttributeUNet, attribute_vector, grid_affine, load_label_generator,
                                   save_label_generator, soft_dice_loss)
 from ddpm.samplers import SamplerSettings
-from ddpm_tiny import one_thread, save_tiny_vqgan, tiny_vqgan  # noqa: F401
+from ddpm_tiny import save_tiny_vqgan, tiny_vqgan
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from train.common import run_training
 from train.lit_labels import LitLabels

@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dataset.crops import IMAGE_PAD_VALUE, crop
-from dataset.datamodule import CropDataset, VolumeDataModule
+from dataset.datamodule import CropCentres, CropDataset, VolumeDataModule
 from ddpm.latent_cache import (LatentCache, LatentCropDataset, attach_latent_cache, augmentation_active,
                                padded_crop, volume_pads)
-from ddpm_tiny import one_thread, tiny_vqgan  # noqa: F401
+from ddpm_tiny import tiny_vqgan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,7 @@ def test_latent_crop_matches_encoding_of_the_image_crop(phantom_cfg, tmp_path):
     encoder = LocalEncoder()
     latent_cache = LatentCache(phantom_cfg, encoder, crop_size=phantom_cfg.crop_size, factor=encoder.downsample)
     assert latent_cache.build(entries, encoder.encode, "cpu") == len(entries)
-    dataset = LatentCropDataset(latent_cache, entries, foreground_prob=0.5)
+    dataset = LatentCropDataset(latent_cache, entries, centres=CropCentres(foreground_prob=0.5))
     crop_size = list(phantom_cfg.crop_size)
     for index in range(len(entries)):
         torch.manual_seed(index)
@@ -138,7 +138,7 @@ def test_foreground_crops_contain_foreground(phantom_cfg, tmp_path):
     encoder = LocalEncoder()
     latent_cache = LatentCache(phantom_cfg, encoder, crop_size=phantom_cfg.crop_size, factor=(2, 2, 2))
     latent_cache.build(entries, encoder.encode, "cpu")
-    dataset = LatentCropDataset(latent_cache, entries, foreground_prob=1.0)
+    dataset = LatentCropDataset(latent_cache, entries, centres=CropCentres(foreground_prob=1.0))
     torch.manual_seed(0)
     assert all(int(dataset[i % len(entries)]["label"].max()) > 0 for i in range(12))
 

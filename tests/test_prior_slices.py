@@ -21,7 +21,7 @@ from ddpm.prior import PriorCase, inpaint_settings, kept_mask, parse_slices
 from ddpm.sample import run
 from ddpm.samplers import SamplerSettings
 from ddpm.synthesis import Synthesizer
-from ddpm_tiny import one_thread, save_tiny_diffusion, tiny_diffusion  # noqa: F401
+from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
 from fullvolume_phantom import BRIGHT, phantom_images, phantom_labels, trained_phantom_model
 from utils.errors import UserError
 

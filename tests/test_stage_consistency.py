@@ -10,7 +10,7 @@ import pytest
 from dataset.layout import find_cases
 from dataset.phantoms import write_phantom_dataset
 from dataset.split import check_split, make_split
-from ddpm_tiny import TINY_UNET, one_thread, tiny_vqgan  # noqa: F401
+from ddpm_tiny import TINY_UNET, tiny_vqgan
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import load_vqgan_for_dataset, load_vqgan_with_metadata, save_vqgan

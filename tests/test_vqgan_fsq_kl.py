@@ -11,7 +11,7 @@ from conftest import compose
 from ddpm.checkpoint import load_diffusion
 from ddpm.latent_diffusion import LatentDiffusion
 from ddpm.samplers import SamplerSettings
-from ddpm_tiny import TINY_UNET, one_thread, save_tiny_diffusion  # noqa: F401
+from ddpm_tiny import TINY_UNET, save_tiny_diffusion
 from utils.build import build
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import load_vqgan, save_vqgan

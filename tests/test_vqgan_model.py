@@ -18,13 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(base_channels=4, norm_groups=2, num_codes=16, embedding_dim=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to other processes holding the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_once(model: VQGAN, image: torch.Tensor, label: torch.Tensor | None = None) -> VQGAN:

@@ -12,13 +12,7 @@ from vq_gan_3d.model import VQGAN
 from vq_gan_3d.quantizer import NEVER, EMAVectorQuantizer, nearest_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to other processes holding the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantizer_with(codebook, cluster_size, **kwargs) -> EMAVectorQuantizer:
