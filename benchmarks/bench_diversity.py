@@ -40,7 +40,8 @@ SETTINGS = [  # name, eta, guidance scale, strength (< 1: from the real scan)
 def mean_pairwise_ms_ssim(volumes: list[np.ndarray]) -> float:
     from evaluation.metrics import ms_ssim3d
 
-    return float(np.mean([ms_ssim3d(a, b, data_range=2.0) for a, b in itertools.combinations(volumes, 2)]))
+    pairs = itertools.combinations(volumes, 2)
+    return float(np.mean([ms_ssim3d(a, b, data_range=2.0, low=-1.0) for a, b in pairs]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -53,6 +53,21 @@ class Intensity:
             out["clipped_to_window"] = None if self.clip is None else list(self.clip)
         return out
 
+    def low(self, real: np.ndarray, fake: np.ndarray) -> float:
+        """The low end of the data range, from which SSIM measures intensities (`metrics.ssim3d`)."""
+        if self.domain in ("normalized", "percentile"):
+            return -1.0
+        if self.clip is not None:
+            return self.clip[0]
+        return float(min(np.min(real), np.min(fake)))
+
+    def low_rule(self) -> str:
+        if self.domain in ("normalized", "percentile"):
+            return "-1 (the domain's low end)"
+        if self.clip is not None:
+            return f"{self.clip[0]:g} (the clipping window's low end)"
+        return "the smaller minimum of each real/synthetic pair"
+
     def clipping(self) -> dict:
         return {"applied": self.clip is not None, "window": None if self.clip is None else list(self.clip),
                 "source": self.clip_source}
@@ -127,8 +142,9 @@ def requested_metrics(cfg) -> list[str]:
 def paired_values(real, fake, mask, names, intensity: Intensity, cfg) -> dict:
     values = {}
     if "ssim" in names:
-        values["ssim"] = metrics.ssim3d(real, fake, data_range=intensity.data_range, mask=mask,
-                                        kernel_size=cfg.ssim.kernel_size, sigma=cfg.ssim.sigma)
+        values["ssim"] = metrics.ssim3d(real, fake, data_range=intensity.data_range,
+                                        low=intensity.low(real, fake), mask=mask, kernel_size=cfg.ssim.kernel_size,
+                                        sigma=cfg.ssim.sigma)
     if "ms_ssim" in names:
         values["ms_ssim"] = ms_ssim(real, fake, mask, intensity, cfg)
     if "psnr" in names:
@@ -142,7 +158,7 @@ def paired_values(real, fake, mask, names, intensity: Intensity, cfg) -> dict:
 
 def ms_ssim(a, b, mask, intensity: Intensity, cfg) -> float:
     try:
-        return metrics.ms_ssim3d(a, b, data_range=intensity.data_range, mask=mask,
+        return metrics.ms_ssim3d(a, b, data_range=intensity.data_range, low=intensity.low(a, b), mask=mask,
                                  kernel_size=cfg.ms_ssim.kernel_size, scales=cfg.ms_ssim.scales)
     except ValueError as err:
         raise UserError(f"ms_ssim: {err}") from None
@@ -193,12 +209,14 @@ def paired_settings(name: str, intensity: Intensity, cfg, shape) -> dict:
     if name == "ssim":
         kernel = metrics.fit_kernel(cfg.ssim.kernel_size, min(shape))
         settings.update(window="gaussian, sums to 1", kernel_size=kernel,
-                        sigma=cfg.ssim.sigma * kernel / cfg.ssim.kernel_size, k1=metrics.SSIM_K1, k2=metrics.SSIM_K2)
+                        sigma=cfg.ssim.sigma * kernel / cfg.ssim.kernel_size, k1=metrics.SSIM_K1, k2=metrics.SSIM_K2,
+                        intensities_from=intensity.low_rule())
     elif name == "ms_ssim":
         kernel, scales = metrics.ms_ssim_settings(shape, cfg.ms_ssim.kernel_size, cfg.ms_ssim.scales)
         weights = np.asarray(metrics.MS_SSIM_WEIGHTS[:scales])
         settings.update(kernel_size=kernel, sigma=metrics.DEFAULT_SIGMA * kernel / metrics.DEFAULT_KERNEL_SIZE,
-                        scales=scales, weights=(weights / weights.sum()).tolist())
+                        scales=scales, weights=(weights / weights.sum()).tolist(),
+                        intensities_from=intensity.low_rule())
     elif name == "psnr":
         settings.update(unit="dB", identical_volumes="inf")
     elif name in ("rmse", "mae"):

@@ -99,16 +99,26 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float(values[mask].mean())
 
 
-def ssim3d(real, fake, *, data_range: float, kernel_size: int = DEFAULT_KERNEL_SIZE,
+def _from_low(volume, low: float | None) -> torch.Tensor:
+    """Intensities measured from the low end of the data range. SSIM's luminance term 2 mu_x mu_y / (mu_x^2 +
+    mu_y^2) assumes non-negative intensities: on signed data ([-1, 1], HU) two local means of opposite sign make
+    it negative, so windows of tissue near 0 (e.g. soft tissue in HU) score below windows of noise."""
+    tensor = _as_tensor(volume)
+    return tensor if low is None else tensor - float(low)
+
+
+def ssim3d(real, fake, *, data_range: float, low: float | None = None, kernel_size: int = DEFAULT_KERNEL_SIZE,
            sigma: float = DEFAULT_SIGMA, mask=None) -> float:
-    """Mean 3D SSIM with a Gaussian window (sum 1), constants K1=0.01, K2=0.03 times `data_range`.
+    """Mean 3D SSIM with a Gaussian window (sum 1), constants K1=0.01, K2=0.03 times `data_range`, on intensities
+    measured from `low` (the low end of the data range, e.g. -1 for [-1, 1]; None: as given, as skimage and
+    MONAI compute it).
 
     The kernel shrinks (odd, sigma scaled with it) when a side is smaller than `kernel_size`. With `mask`, the
     mean is taken over window centres inside the mask."""
     _check_pair(real, fake, data_range)
     size = fit_kernel(kernel_size, min(np.shape(real)))
     sigma = sigma * size / kernel_size
-    ssim_map, _ = _ssim_maps(_as_tensor(real), _as_tensor(fake), float(data_range), size, sigma)
+    ssim_map, _ = _ssim_maps(_from_low(real, low), _from_low(fake, low), float(data_range), size, sigma)
     return _masked_mean(ssim_map, _valid_mask(mask, size))
 
 
@@ -145,18 +155,19 @@ def ms_ssim_settings(shape, kernel_size: int | None = None, scales: int | None =
     return kernel_size, scales
 
 
-def ms_ssim3d(real, fake, *, data_range: float, kernel_size: int | None = None, scales: int | None = None,
-              mask=None) -> float:
+def ms_ssim3d(real, fake, *, data_range: float, low: float | None = None, kernel_size: int | None = None,
+              scales: int | None = None, mask=None) -> float:
     """3D multi-scale SSIM (Wang et al. 2003): contrast-structure terms at the finer scales, full SSIM at the
     coarsest, weighted by the first `scales` standard weights renormalised to sum 1. Each scale halves every
     side with 2x2x2 average pooling. Negative terms are clipped to 0 before the fractional powers. Window sigma
-    is 1.5 * kernel_size / 11. With `mask`, every scale averages over window centres in the pooled mask."""
+    is 1.5 * kernel_size / 11. With `mask`, every scale averages over window centres in the pooled mask.
+    `low`: as in `ssim3d` (the luminance term enters at the coarsest scale)."""
     _check_pair(real, fake, data_range)
     kernel_size, scales = ms_ssim_settings(np.shape(real), kernel_size, scales)
     sigma = DEFAULT_SIGMA * kernel_size / DEFAULT_KERNEL_SIZE
     weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], dtype=torch.float64)
     weights = weights / weights.sum()
-    x, y = _as_tensor(real), _as_tensor(fake)
+    x, y = _from_low(real, low), _from_low(fake, low)
     m = None if mask is None else torch.as_tensor(np.asarray(mask)).to(torch.float64)[None, None]
     terms = []
     for level in range(scales):

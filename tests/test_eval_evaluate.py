@@ -139,6 +139,7 @@ def test_percentile_domain_removes_an_arbitrary_scanner_gain(folders, tmp_path):
     report = json.loads((tmp_path / "pct" / "metrics.json").read_text())
     results = report["metrics"]
     assert report["settings"]["percentiles"] == [1.0, 99.0] and report["settings"]["data_range"] == 2.0
+    assert report["settings"]["headroom"] == 0.3  # the MR models' map: the 99th percentile -> 0.4, not 1
     assert results["ssim"]["value"] == pytest.approx(1.0, abs=1e-6) and results["psnr"]["value"] == "inf"
     assert results["intensity_stats"]["value"] == pytest.approx(0.0, abs=1e-5)
     assert results["intensity_stats"]["real"]["0"]["mean"] >= -1.0
@@ -147,6 +148,8 @@ def test_percentile_domain_removes_an_arbitrary_scanner_gain(folders, tmp_path):
     assert native["ssim"]["value"] < 0.9 and native["intensity_stats"]["value"] > 50
     with pytest.raises(UserError, match="percentiles"):
         run(config(base + [f"out={tmp_path / 'bad'}", "domain=percentile", "percentiles=[99,1]"]))
+    with pytest.raises(UserError, match="headroom"):
+        run(config(base + [f"out={tmp_path / 'bad'}", "domain=percentile", "headroom=0.5"]))
 
 
 def ct_with_bone_and_air(root, window=(-1000.0, 1000.0)):

@@ -88,6 +88,24 @@ def test_psnr_of_known_error_matches_formula():
     assert metrics.psnr(real, noisy, data_range=2.0) == pytest.approx(10 * math.log10(4.0 / sigma**2), abs=0.1)
 
 
+def test_ssim_measures_signed_intensities_from_the_low_end_of_the_range():
+    """Tissue near 0 in [-1, 1] (or soft tissue near 0 HU): a synthetic copy 0.1 darker is a small error in a
+    range of 2, yet SSIM on the signed values goes negative (local means of opposite sign); measured from
+    low=-1 it costs under 1 %, and the same holds in HU measured from -1000."""
+    rng = np.random.default_rng(9)
+    texture = rng.normal(0, 0.02, (24, 24, 24))
+    real, fake = 0.05 + texture, -0.05 + texture
+    assert metrics.ssim3d(real, fake, data_range=2.0) < 0
+    assert metrics.ssim3d(real, fake, data_range=2.0, low=-1.0) > 0.99
+    assert metrics.ms_ssim3d(real, fake, data_range=2.0, scales=2, kernel_size=7) == 0.0  # clipped at 0
+    assert metrics.ms_ssim3d(real, fake, data_range=2.0, low=-1.0, scales=2, kernel_size=7) > 0.99
+    assert metrics.ssim3d(real * 1000, fake * 1000, data_range=2000.0, low=-1000.0) == pytest.approx(
+        metrics.ssim3d(real, fake, data_range=2.0, low=-1.0), abs=1e-9)
+    # a constant shift of both volumes changes nothing once measured from the same low end
+    assert metrics.ssim3d(real + 0.5, fake + 0.5, data_range=2.0, low=-0.5) == pytest.approx(
+        metrics.ssim3d(real, fake, data_range=2.0, low=-1.0), abs=1e-12)
+
+
 def test_data_range_native_units_vs_normalised():
     """HU in [-1000, 1000] with data range 2000 gives the same SSIM/PSNR as the same data scaled to [-1, 1]
     with data range 2; the published bug (range 255 on [-1, 1] data) does not."""

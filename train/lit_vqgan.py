@@ -135,10 +135,10 @@ class LitVQGAN(pl.LightningModule):
         for i, case_id in enumerate(batch["case_id"]):
             real, fake = image[i, 0].float().cpu(), recon[i, 0].cpu()
             metrics = {"l1": float(F.l1_loss(fake, real)), "psnr_range2": psnr(real, fake, data_range=2.0),
-                       "ssim_range2": ssim3d(real, fake, data_range=2.0)}
+                       "ssim_range2": ssim3d(real, fake, data_range=2.0, low=-1.0)}
             for sigma, copy in blurred.items():
                 metrics[f"psnr_range2_blur{sigma:g}"] = psnr(real, copy[i, 0], data_range=2.0)
-                metrics[f"ssim_range2_blur{sigma:g}"] = ssim3d(real, copy[i, 0], data_range=2.0)
+                metrics[f"ssim_range2_blur{sigma:g}"] = ssim3d(real, copy[i, 0], data_range=2.0, low=-1.0)
             self._val_metrics[case_id] = metrics
         n_logged = batch_idx * int(image.shape[0])
         if n_logged < self.val_image_volumes:
