@@ -1,7 +1,8 @@
 """`VolumeDataModule`: checked, split, preprocessed volumes as batches of crops.
 
 Batches are dicts `{"image": float (B, 1, X, Y, Z) in [-1, 1], "label": long (B, 1, X, Y, Z),
-"case_id": list[str]}`. Training: random crops (centred on a lesion or a foreground voxel at the configured rates) with augmentation; validation: centre crops.
+"case_id": list[str]}`. Training: random crops (centred on a lesion or a foreground voxel at the configured rates)
+with augmentation; validation: centre crops.
 Only train and val cases are ever preprocessed or loaded here; the test split is left to evaluation.
 """
 from __future__ import annotations

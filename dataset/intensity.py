@@ -6,7 +6,7 @@ so the map can be inverted, and a `reference` (e.g. the training-set median) sta
 are unknown. The headroom keeps what is brighter than the upper percentile: hyperintense lesions are a small
 share of the voxels (about 0.1 % in the demo), so they lie above the 99.5th percentile and a map that clips there
 flattens them to the brightest tissue (measured on the demo: lesion-minus-white-matter contrast 0.45 in the real
-scans, about 0.02 in the stage-1 reconstructions, which learned from the clipped images).
+scans, 0.01 in the stage-1 reconstructions, which learned from the clipped images).
 Never per-crop: normalisation happens once per volume, before cropping.
 """
 from __future__ import annotations
