@@ -36,8 +36,8 @@ def test_preprocessed_arrays_live_in_the_cache_and_are_memory_mapped(ct_data, is
     folder = cache.entry_folder(case, cfg)
     assert folder.is_relative_to(isolated_cache / "medlsdm" / "preprocessed")
     assert folder.parent.name.startswith(f"{cfg.name}-") and folder.name.startswith("case000-")
-    assert sorted(p.name for p in folder.iterdir()) == ["class_locations.npz", "foreground.npy", "image.npy", "label.npy",
-                                                        "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "class_locations.npz", "foreground.npy", "image.npy", "label.npy", "meta.json"]
     assert isinstance(entry.image, np.memmap) and isinstance(entry.label, np.memmap)
     assert entry.image.dtype == np.float32 and entry.label.dtype == np.uint8
     assert entry.image.shape == entry.label.shape == tuple(entry.grid_info.model_shape)
