@@ -196,6 +196,17 @@ def load_segmenter_file(path: str | Path) -> dict:
     return saved
 
 
+def segmenter_network(saved: dict, path: str | Path) -> torch.nn.Module:
+    """The network of a file read by `load_segmenter_file`, with its weights loaded."""
+    try:
+        net = build_segmenter(saved["network"])
+        net.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise WeightsUnavailable(f"{path}: segmenter file is incomplete or inconsistent ({type(err).__name__})") \
+            from None
+    return net
+
+
 class SegmenterFeatures:
     """Encoder features of the segmenter trained on real data: no download needed. Volumes are brought onto the
     segmenter's training grid (spacing) and, in the native domain, normalised as in its training."""
@@ -207,13 +218,7 @@ class SegmenterFeatures:
                 "segmenter.weights=<out>/segmenter.pt"
             )
         saved = load_segmenter_file(path)
-        try:
-            self.net = build_segmenter(saved["network"])
-            self.net.load_state_dict(saved["state_dict"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise WeightsUnavailable(f"{path}: segmenter file is incomplete or inconsistent ({type(err).__name__})") \
-                from None
-        self.net = self.net.to(device).eval()
+        self.net = segmenter_network(saved, path).to(device).eval()
         self.spacing = [float(s) for s in saved["spacing"]]
         self.intensity = saved["intensity"]
         self.domain = domain

@@ -38,7 +38,8 @@ from dataset.geometry import to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import load_nifti
 from dataset.validate import class_names as dataset_class_names
-from evaluation.features import SEGMENTER_KIND, build_segmenter, load_segmenter_file
+from evaluation.features import (SEGMENTER_KIND, WeightsUnavailable, build_segmenter, load_segmenter_file,
+                                 segmenter_network)
 from evaluation.metrics import dice_per_class
 from layers.tiling import tiled_apply
 from utils.atomic import atomic_path
@@ -341,7 +342,10 @@ def save_segmenter(model: Segmenter, path: Path, *, dataset_cfg, overwrite: bool
 def load_segmenter(path, cfg, device: torch.device) -> Segmenter:
     """A segmenter saved by `save_segmenter`, for the data set of `cfg.dataset` (its name, classes, spacing and
     intensity map must match the file's); the inference settings come from `cfg.segmenter`."""
-    saved = load_segmenter_file(path)
+    try:
+        saved = load_segmenter_file(path)
+    except WeightsUnavailable as err:
+        raise UserError(str(err)) from None
     dataset_cfg = cfg.dataset
     expected = {
         "dataset": str(dataset_cfg.name),
@@ -354,10 +358,9 @@ def load_segmenter(path, cfg, device: torch.device) -> Segmenter:
             raise UserError(f"{path}: segmenter trained with {key} {saved.get(key)!r}, this data set has {value!r}")
     settings = dataclasses.replace(settings_from(cfg), network=saved["network"],
                                    crop_size=[int(c) for c in saved["crop_size"]])
-    net = build_segmenter(settings.network)
     try:
-        net.load_state_dict(saved["state_dict"])
-    except RuntimeError:
-        raise UserError(f"{path}: segmenter weights do not fit its network settings") from None
+        net = segmenter_network(saved, path)
+    except WeightsUnavailable as err:
+        raise UserError(str(err)) from None
     return Segmenter(net.to(device).eval(), settings, device, steps=int(saved.get("steps", 0)),
                      best_step=saved.get("best_step"), train_cases=saved.get("train_cases"))

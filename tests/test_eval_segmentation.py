@@ -23,6 +23,7 @@ from evaluation.segmenter import (
     Volume,
     _lr_factor,
     evaluate_dice,
+    load_segmenter,
     predict,
     settings_from,
     train_segmenter,
@@ -220,6 +221,16 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert results["fid_3d_segmenter"]["value"] >= 0 and results["fid_3d_segmenter"]["n_real"] == 8
     assert "segmenter" in results["fid_3d_segmenter"]["settings"]["network"]
     assert np.isfinite(results["mmd_3d_segmenter"]["value"])
+
+
+def test_missing_or_broken_segmenter_weights_are_one_line_errors(tmp_path):
+    cfg = _cfg()
+    with pytest.raises(UserError, match="not found") as err:
+        load_segmenter(tmp_path / "none.pt", cfg, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable segmenter file"):
+        load_segmenter(tmp_path / "broken.pt", cfg, torch.device("cpu"))
 
 
 def reuse_cfg_overrides(overrides, tmp_path):
