@@ -147,6 +147,7 @@ class LatentCropDataset(Dataset):
         self.cache = latent_cache
         self.entries = list(entries)
         self.centres = centres
+        self.latent_size = [s // f for s, f in zip(latent_cache.crop_size, latent_cache.factor)]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -154,7 +155,7 @@ class LatentCropDataset(Dataset):
     def latent_start(self, latent_shape: Sequence[int], pads, voxel: np.ndarray | None,
                      generator: torch.Generator | None = None) -> list[int]:
         """Latent crop origin around `voxel` (of the unpadded volume), or uniform when None."""
-        size = [s // f for s, f in zip(self.cache.crop_size, self.cache.factor)]
+        size = self.latent_size
         if voxel is not None:
             centre = [(int(v) + before) / f for v, (before, _), f in zip(voxel, pads, self.cache.factor)]
             return [int(min(max(round(c - s / 2), 0), n - s)) for c, s, n in zip(centre, size, latent_shape)]
@@ -165,8 +166,7 @@ class LatentCropDataset(Dataset):
         case = cache.read_entry(entry)
         latent, pads = self.cache.read(entry)
         start = self.latent_start(latent.shape[1:], pads, self.centres.draw(case))
-        size = [s // f for s, f in zip(self.cache.crop_size, self.cache.factor)]
-        window = (slice(None), *(slice(b, b + s) for b, s in zip(start, size)))
+        window = (slice(None), *(slice(b, b + s) for b, s in zip(start, self.latent_size)))
         label = padded_crop(case.label, pads, [b * f for b, f in zip(start, self.cache.factor)],
                             self.cache.crop_size, LABEL_PAD_VALUE)
         return {"latent": torch.from_numpy(np.array(latent[window], dtype=np.float32)),
