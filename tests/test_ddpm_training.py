@@ -35,7 +35,8 @@ def test_fit_checkpoint_resume_and_sampling_checkpoint(compose_cfg, phantom_root
 
     vqgan_ckpt = save_tiny_vqgan(tmp_path / "vqgan.ckpt")
     run_dir = tmp_path / "run"
-    cfg = diffusion_cfg(compose_cfg, phantom_root, run_dir, vqgan_ckpt, max_steps=4)
+    cfg = diffusion_cfg(compose_cfg, phantom_root, run_dir, vqgan_ckpt, max_steps=4,
+                        extra=["model.lr_decay_start=2"])
     module = LitDiffusion(cfg)
     fits = []
     original = module._fit_scale_factor
@@ -45,6 +46,8 @@ def test_fit_checkpoint_resume_and_sampling_checkpoint(compose_cfg, phantom_root
         module.model.has_scale_factor) or f(step))
     trainer = run_training(cfg, module, VolumeDataModule(cfg.dataset, run_dir))
     assert trainer.global_step == 4
+    # linear decay from step 2 to 0 at step 4: the last step (3) ran at half the learning rate
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5e-3)
     assert fits == [1] and all(losses), "scale factor computed once, before the first optimiser step"
     scale = float(module.model.scale_factor)
     assert scale > 0
@@ -66,12 +69,14 @@ def test_fit_checkpoint_resume_and_sampling_checkpoint(compose_cfg, phantom_root
 
     # resume: continues from step 4, keeps the scale factor (not recomputed), reads the stored reference
     save_tiny_vqgan(vqgan_ckpt)  # same weights (seeded): a resumed run rebuilds from the config first
-    cfg2 = diffusion_cfg(compose_cfg, phantom_root, run_dir, vqgan_ckpt, max_steps=6)
+    cfg2 = diffusion_cfg(compose_cfg, phantom_root, run_dir, vqgan_ckpt, max_steps=6,
+                         extra=["model.lr_decay_start=2"])
     resumed = LitDiffusion(cfg2)
     refits = []
     monkeypatch.setattr(resumed, "_fit_scale_factor", lambda loader: refits.append(1))
     trainer = run_training(cfg2, resumed, VolumeDataModule(cfg2.dataset, run_dir))
     assert trainer.global_step == 6 and refits == []
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25e-3)  # step 5 of a decay 2 -> 6
     assert float(resumed.model.scale_factor) == pytest.approx(scale)
     assert resumed.intensity_reference == meta["intensity_reference"]
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 6

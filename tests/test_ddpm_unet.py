@@ -36,8 +36,15 @@ def test_patch_embedding_is_a_strided_conv_over_the_one_hot_map():
     onehot = F.one_hot(label[:, 0], 5).movedim(-1, 1).float()
     # weight rows are (offset, class); a conv kernel is (out, class, kx, ky, kz) with offsets in x, y, z order
     kernel = embed.weight.detach().reshape(2, 2, 1, 5, 3).permute(4, 3, 0, 1, 2)
+    kernel.requires_grad_()
     expected = F.conv3d(onehot, kernel, embed.bias.detach(), stride=(2, 2, 1))
-    torch.testing.assert_close(embed(label), expected)
+    out = embed(label)
+    torch.testing.assert_close(out, expected)
+    # and its weight gradient is the conv's (the backward is written by hand)
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), embed.weight)
+    (conv_grad,) = torch.autograd.grad((expected * upstream).sum(), kernel)
+    torch.testing.assert_close(grad, conv_grad.permute(2, 3, 4, 1, 0).reshape_as(grad))
 
 
 def test_onehot_on_grid_is_the_area_average_of_the_one_hot_map():

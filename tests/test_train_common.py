@@ -97,3 +97,8 @@ def test_image_grid_layout():
     # two rows of tiles 4x3 (rotated), two columns
     assert grid.shape == (2 * (4 + 1) + 1, 2 * (3 + 1) + 1)
     assert grid.min() == 0.0 and grid.max() == 1.0
+
+
+def test_lr_factor_is_one_then_a_linear_decay_to_zero():
+    assert [common.lr_factor(s, 4, 8) for s in (0, 3, 4, 6, 8, 9)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert common.lr_factor(100, None, 8) == 1.0 and common.lr_factor(5, 8, 8) == 1.0  # off; starts at the end

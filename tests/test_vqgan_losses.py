@@ -12,7 +12,7 @@ from conftest import compose
 from utils.build import build
 from utils.errors import UserError
 from vq_gan_3d.discriminators import PatchDiscriminator
-from vq_gan_3d.losses import (VQGANLoss, feature_matching_loss, hinge_d_loss, hinge_g_loss, random_slice_index,
+from vq_gan_3d.losses import (VQGANLoss, feature_matching_loss, hinge_d_loss, hinge_g_loss, lesion_l1, random_slice_index,
                               sample_slices)
 from vq_gan_3d.model import VQGAN
 from vq_gan_3d.perceptual import PerceptualLoss
@@ -215,3 +215,29 @@ def test_training_iteration_updates_the_discriminators_only_once_the_gan_is_on()
         assert d_changed == gan_on
         assert ("train/d_loss" in logs) == gan_on and ("train/g_adv_3d" in logs) == gan_on
         assert all(p.grad is None for p in [*vqgan.parameters(), *disc_params])  # freed after the steps
+
+
+# -- lesion-weighted reconstruction ----------------------------------------------------------------------------
+
+def test_lesion_l1_is_the_error_over_lesion_voxels_alone():
+    real = torch.zeros(2, 1, 8, 8, 4)
+    fake = torch.full_like(real, 0.5)
+    mask = torch.zeros_like(real, dtype=torch.bool)
+    mask[0, 0, 2:4, 2:4, 1:3] = True
+    fake[mask] = 2.0
+    assert float(lesion_l1(real, fake, mask)) == pytest.approx(2.0)
+    assert float(lesion_l1(real, fake, torch.zeros_like(mask))) == 0.0  # no lesion in the batch: no term
+
+
+def test_lesion_l1_weight_adds_its_term_and_pulls_lesion_voxels_harder():
+    real, mask = smooth_volume(), torch.zeros(2, 1, 16, 16, 8, dtype=torch.bool)
+    mask[0, 0, 4:7, 4:7, 2:5] = True
+    fake = (real + 0.2).requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    plain, plain_terms, _ = tiny_loss(gan_start_step=10).generator_loss(real, fake, {}, 0, g, lesion_mask=mask)
+    weighted, terms, _ = tiny_loss(gan_start_step=10, lesion_l1_weight=3.0).generator_loss(
+        real, fake, {}, 0, g, lesion_mask=mask)
+    assert "lesion_l1" not in plain_terms and float(terms["lesion_l1"]) == pytest.approx(0.2, rel=1e-5)
+    assert float(weighted - plain) == pytest.approx(3.0 * 0.2, rel=1e-5)
+    (grad,) = torch.autograd.grad(weighted, fake)
+    assert float(grad[mask].abs().mean()) > 100 * float(grad[~mask].abs().mean())

@@ -207,3 +207,13 @@ def test_spade_model_config_trains_and_loads(tmp_path):
     image, label = FixedCrops().items[4]["image"][None], FixedCrops().items[4]["label"][None]
     with torch.no_grad():
         assert loaded.decode(loaded.encode(image), label).shape == image.shape
+
+
+def test_lesion_l1_reads_the_data_sets_lesion_classes(tmp_path):
+    label = torch.tensor([0, 1, 2, 3, 4, 4]).view(1, 1, 6, 1, 1)
+    weighted = LitVQGAN(run_cfg(tmp_path, 1, extra=["model.loss.lesion_l1_weight=1.0"]))  # demo: lesion = class 4
+    assert weighted._lesion_mask(label).flatten().tolist() == [False] * 4 + [True] * 2
+    assert LitVQGAN(run_cfg(tmp_path, 1, extra=["model.loss.lesion_l1_weight=0"]))._lesion_mask(label) is None
+    no_lesion_class = LitVQGAN(run_cfg(tmp_path, 1, extra=["model.loss.lesion_l1_weight=1.0",
+                                                           "dataset.lesion_classes=[]"]))
+    assert no_lesion_class._lesion_mask(label) is None

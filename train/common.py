@@ -163,6 +163,14 @@ def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lig
     return trainer
 
 
+def lr_factor(step: int, decay_start: int | None, max_steps: int) -> float:
+    """Learning-rate multiplier: 1, or from `decay_start` on a linear decay to 0 at `max_steps` (a function of
+    the step alone, so a resumed run follows the same schedule)."""
+    if decay_start is None or max_steps <= decay_start or step < decay_start:
+        return 1.0
+    return max(0.0, 1.0 - (step - decay_start) / (max_steps - decay_start))
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -20,7 +20,7 @@ from ddpm.checkpoint import STAGE, checkpoint_metadata
 from ddpm.latent_cache import attach_latent_cache
 from ddpm.latent_diffusion import LatentDiffusion, make_optimizer, per_sample_loss
 from ddpm.samplers import SamplerSettings, gaussian
-from train.common import mean_over_unique_cases, save_image_grid
+from train.common import lr_factor, mean_over_unique_cases, save_image_grid
 from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
@@ -57,6 +57,7 @@ class LitDiffusion(pl.LightningModule):
         super().__init__()
         self.model, self.stage1_split = build_model(cfg)  # the data module reuses stage 1's split
         self.lr = float(cfg.model.lr)
+        self.lr_decay_start = None if cfg.model.lr_decay_start is None else int(cfg.model.lr_decay_start)
         self.weight_decay = float(cfg.model.weight_decay)
         self.scale_factor_batches = int(cfg.model.scale_factor_batches)
         self.use_latent_cache = bool(cfg.model.latent_cache)
@@ -106,6 +107,12 @@ class LitDiffusion(pl.LightningModule):
             log.info("latent scale factor %.5f (1/std of %d latent values)", scale, int(count))
 
     # training -----------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        factor = lr_factor(self.global_step, self.lr_decay_start, self.trainer.max_steps)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.lr * factor
+        self.log("train/lr_factor", factor)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "latent" in batch:  # from the latent cache
             loss = self.model.latent_training_loss(batch["latent"], batch["label"])

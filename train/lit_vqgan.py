@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from dataset.attributes import lesion_classes
 from evaluation.metrics import gaussian_kernel_1d, psnr, ssim3d
 from layers.memory_format import to_channels_last_3d
-from train.common import mean_over_unique_cases, save_image_grid
+from train.common import lr_factor, mean_over_unique_cases, save_image_grid
 from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
@@ -46,7 +47,9 @@ class LitVQGAN(pl.LightningModule):
     """Validation logs, on centre crops in the normalised range [-1, 1] (PSNR and SSIM with data range 2, hence
     the `_range2` in their names): `val/l1`, `val/psnr_range2`, `val/ssim_range2`, and the same two metrics of
     Gaussian-blurred copies of the input (`val/psnr_range2_blur1`, `..._blur2`: sigma 1 and 2 voxels) as
-    references; plus a PNG of middle slices (input, reconstruction, label) of `val_image_volumes` volumes."""
+    references; over the crops that hold a lesion (`dataset.lesion_classes`), `val/lesion_l1` and `val/lesion_bias`
+    (the mean signed error on lesion voxels: below 0, lesions come out darker); plus a PNG of middle slices (input,
+    reconstruction, label) of `val_image_volumes` volumes."""
 
     monitor = "val/l1"
 
@@ -64,6 +67,9 @@ class LitVQGAN(pl.LightningModule):
         self.grad_clip = float(m.grad_clip)
         self.lr_decay_start = None if m.lr_decay_start is None else int(m.lr_decay_start)
         self.val_image_volumes = int(m.val_image_volumes)
+        # the lesion voxels of model.loss.lesion_l1_weight's term: labels of dataset.lesion_classes
+        self.register_buffer("lesion_labels", torch.tensor(sorted(lesion_classes(cfg.dataset).values()),
+                                                           dtype=torch.long), persistent=False)
         self.seed = int(cfg.train.seed)
         self.dataset_info = dataset_settings(cfg.dataset)
         self.intensity_reference: dict | None = None
@@ -104,18 +110,20 @@ class LitVQGAN(pl.LightningModule):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + self.global_rank)
         logs = training_iteration(vqgan=self.vqgan, loss=self.loss, opt_g=opt_g,
                                   opt_d=opt_d.optimizer if opt_d is not None else None, image=image, label=label,
-                                  step=step, generator=generator, grad_clip=self.grad_clip)
+                                  step=step, generator=generator, grad_clip=self.grad_clip,
+                                  lesion_mask=self._lesion_mask(label))
         batch_size = image.shape[0]
         shown = ("train/g_loss", "train/l1")
         self.log_dict({k: v for k, v in logs.items() if k not in shown}, batch_size=batch_size)
         self.log_dict({k: logs[k] for k in shown}, prog_bar=True, batch_size=batch_size)
 
+    def _lesion_mask(self, label: torch.Tensor) -> torch.Tensor | None:
+        if self.loss.lesion_l1_weight <= 0 or self.lesion_labels.numel() == 0:
+            return None
+        return torch.isin(label, self.lesion_labels)
+
     def _set_learning_rates(self, step: int, optimizers: list) -> None:
-        """Constant learning rates, or from `lr_decay_start` on a linear decay to 0 at `trainer.max_steps`
-        (a function of the step alone, so a resumed run follows the same schedule)."""
-        factor, max_steps = 1.0, self.trainer.max_steps
-        if self.lr_decay_start is not None and max_steps > self.lr_decay_start and step >= self.lr_decay_start:
-            factor = max(0.0, 1.0 - (step - self.lr_decay_start) / (max_steps - self.lr_decay_start))
+        factor = lr_factor(step, self.lr_decay_start, self.trainer.max_steps)
         for optimizer, base in zip(optimizers, (self.lr, self.disc_lr)):
             if optimizer is not None:
                 for group in optimizer.param_groups:
@@ -136,6 +144,10 @@ class LitVQGAN(pl.LightningModule):
             real, fake = image[i, 0].float().cpu(), recon[i, 0].cpu()
             metrics = {"l1": float(F.l1_loss(fake, real)), "psnr_range2": psnr(real, fake, data_range=2.0),
                        "ssim_range2": ssim3d(real, fake, data_range=2.0, low=-1.0)}
+            lesion = torch.isin(label[i, 0].cpu(), self.lesion_labels.cpu())
+            if lesion.any():  # crops holding a lesion: its error, and its signed mean (< 0: lesions come out darker)
+                metrics["lesion_l1"] = float((fake - real)[lesion].abs().mean())
+                metrics["lesion_bias"] = float((fake - real)[lesion].mean())
             for sigma, copy in blurred.items():
                 metrics[f"psnr_range2_blur{sigma:g}"] = psnr(real, copy[i, 0], data_range=2.0)
                 metrics[f"ssim_range2_blur{sigma:g}"] = ssim3d(real, copy[i, 0], data_range=2.0, low=-1.0)

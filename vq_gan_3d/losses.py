@@ -32,6 +32,13 @@ def feature_matching_loss(feats_real: list[torch.Tensor], feats_fake: list[torch
     return sum(F.l1_loss(fake, real.detach()) for real, fake in zip(feats_real, feats_fake)) / len(feats_real)
 
 
+def lesion_l1(real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels of `mask` (the whole batch's; 0 when it holds none). Lesions are a few
+    hundred of a crop's voxels: in the plain L1 their errors hardly count, here they are the whole term."""
+    mask = mask.to(fake.dtype)
+    return ((fake - real).abs() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def sample_slices(volumes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, C, X, Y, Z) and per-volume slice indices (B, n) along Z -> (B * n, C, X, Y)."""
     b, c, x, y, _ = volumes.shape
@@ -59,6 +66,7 @@ class VQGANLoss(nn.Module):
         self,
         *,
         l1_weight: float,
+        lesion_l1_weight: float = 0.0,
         perceptual_weight: float,
         perceptual_backbone: str,
         perceptual_path: str | None,
@@ -72,6 +80,7 @@ class VQGANLoss(nn.Module):
     ):
         super().__init__()
         self.l1_weight = l1_weight
+        self.lesion_l1_weight = lesion_l1_weight
         self.perceptual_weight = perceptual_weight
         self.slices_per_volume = slices_per_volume
         self.gan_start_step = gan_start_step
@@ -94,14 +103,18 @@ class VQGANLoss(nn.Module):
 
     def generator_loss(
         self, real: torch.Tensor, fake: torch.Tensor, regularizer: Mapping[str, torch.Tensor], step: int,
-        generator: torch.Generator,
+        generator: torch.Generator, lesion_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DiscriminatorPass | None]:
         """Total generator loss, its logged terms, and the discriminator pass to reuse in the D step (None before
         the GAN starts). `regularizer` holds the latent's weighted loss terms (`info["regularizer"]` of the
         VQ-GAN: {"commitment": ...}, {"kl": ...} or {}), added as they are. `generator` draws the slices of the 2D
-        losses."""
+        losses. `lesion_mask` (bool, shaped like `real`) marks the lesion voxels of `lesion_l1_weight`'s term.
+        """
         terms = {"l1": F.l1_loss(fake, real), **regularizer}
         total = self.l1_weight * terms["l1"] + sum(regularizer.values())
+        if self.lesion_l1_weight > 0 and lesion_mask is not None:
+            terms["lesion_l1"] = lesion_l1(real, fake, lesion_mask)
+            total = total + self.lesion_l1_weight * terms["lesion_l1"]
         gan_on = self.gan_active(step)
         slices_needed = (self.perceptual is not None and self.perceptual.on_slices) or (
             gan_on and self.disc_2d is not None)

@@ -96,6 +96,7 @@ def training_iteration(
     generator: torch.Generator,
     grad_clip: float,
     timer: StageTimer | None = None,
+    lesion_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One generator update and, once the GAN is on, one discriminator update. Returns detached values to log.
 
@@ -103,7 +104,8 @@ def training_iteration(
     """
     mark = timer.mark if timer is not None else (lambda phase: None)
     recon, info = vqgan(image, label if vqgan.is_spade else None)
-    g_total, terms, passes = loss.generator_loss(image, recon, info["regularizer"], step, generator)
+    g_total, terms, passes = loss.generator_loss(image, recon, info["regularizer"], step, generator,
+                                                 lesion_mask=lesion_mask)
     mark("generator")
     logs = {f"train/{k}": v.detach() for k, v in terms.items()}
     disc_params = [p for d in loss.discriminators() for p in d.parameters()]
