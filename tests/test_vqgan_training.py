@@ -137,7 +137,7 @@ def test_demo_experiment_composes_and_trains(demo_run):
     run_dir, cfg, trainer = demo_run
     assert trainer.global_step == 3
     assert {"val/l1", "val/psnr_range2", "val/ssim_range2", "val/psnr_range2_blur1", "val/ssim_range2_blur2",
-            "train/d_loss", "train/perceptual"} <= set(trainer.callback_metrics)
+            "train/d_loss", "train/perceptual", "train/lesion_l1"} <= set(trainer.callback_metrics)
     assert (run_dir / "last.ckpt").is_file() and (run_dir / "split.json").is_file()
     demo_loss = compose("vqgan", ["experiment=demo"]).model.loss
     assert demo_loss.gan_start_step > 0 and demo_loss.perceptual_weight > 0
