@@ -124,6 +124,7 @@ def _class_indices(entries, names: list[str], key: str) -> list[int]:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+INFERENCE_TILES_PER_CALL = 8  # sliding-window tiles per network call: ~2x faster inference on a CPU than 1
 
 
 def _schedule(name) -> str:
@@ -294,7 +295,8 @@ def predict(model: Segmenter, image: np.ndarray) -> np.ndarray:
     crop = list(model.settings.crop_size)
     padded, pads = pad_to_at_least(np.asarray(image, dtype=np.float32), crop, IMAGE_PAD_VALUE)
     x = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
-    logits = tiled_apply(model.net, x, window=crop, overlap=model.settings.overlap, device=model.device)
+    logits = tiled_apply(model.net, x, window=crop, overlap=model.settings.overlap, device=model.device,
+                         tiles_per_call=INFERENCE_TILES_PER_CALL)
     return unpad(logits.argmax(dim=1)[0], pads).cpu().numpy()
 
 

@@ -157,17 +157,26 @@ def blend_into_new(one: Callable[[Triple], torch.Tensor], grid_in: TileGrid, gri
 
 def tiled_apply(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None, window: Sequence[int], overlap: float,
                 device: torch.device | str | None = None,
-                out_device: torch.device | str | None = None) -> torch.Tensor:
+                out_device: torch.device | str | None = None, tiles_per_call: int = 1) -> torch.Tensor:
     """`fn(*input_tiles) -> output_tile` (same spatial size as the tiles) over overlapping windows of `window`
     voxels of the inputs' common (X, Y, Z) shape, blended; a None input is passed as None. The inputs may live on
     the CPU: each tile is moved to `device` (default: the first input's), the output (float32) is gathered on
-    `out_device` (default: `device`)."""
+    `out_device` (default: `device`). `tiles_per_call` > 1 stacks that many consecutive tiles along the batch axis
+    of one call (small networks on small tiles are call-bound; `fn` must treat samples independently)."""
     grid = TileGrid.covering(inputs[0].shape[2:], window, overlap)
     device = device or inputs[0].device
+    corners = list(grid.corners())
+    pending: dict[Triple, torch.Tensor] = {}
+
+    def tiles(corner: Triple, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[(..., *grid.slices(corner))].to(device)
 
     def one(corner: Triple) -> torch.Tensor:
-        index = (..., *grid.slices(corner))
-        return fn(*(None if x is None else x[index].to(device) for x in inputs))
+        if corner not in pending:  # the next `tiles_per_call` corners in the order blending asks for them
+            chunk = corners[corners.index(corner):][:max(1, int(tiles_per_call))]
+            batch = [None if x is None else torch.cat([tiles(c, x) for c in chunk]) for x in inputs]
+            pending.update(zip(chunk, fn(*batch).split(inputs[0].shape[0])))
+        return pending.pop(corner)
 
     return blend_into_new(one, grid, grid, out_device=out_device or device)
 

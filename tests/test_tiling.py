@@ -31,6 +31,20 @@ def test_tiled_apply_of_a_voxelwise_function_is_the_function(overlap):
     assert len(TileGrid.covering(x.shape[2:], window, overlap)) > 1  # really tiled
 
 
+@pytest.mark.parametrize("tiles_per_call", [2, 3, 100])
+def test_tiles_stacked_into_one_call_blend_as_one_tile_per_call(tiles_per_call):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.Conv3d(4, 2, 1))
+    x = torch.randn(2, 1, 13, 9, 7)
+    calls = []
+    counted = lambda t: calls.append(t.shape[0]) or net(t)  # noqa: E731
+    single = tiled_apply(net, x, window=(6, 4, 7), overlap=0.25)
+    stacked = tiled_apply(counted, x, window=(6, 4, 7), overlap=0.25, tiles_per_call=tiles_per_call)
+    torch.testing.assert_close(stacked, single)
+    n_tiles = len(TileGrid.covering(x.shape[2:], (6, 4, 7), 0.25))
+    assert sum(calls) == 2 * n_tiles and len(calls) == -(-n_tiles // tiles_per_call)  # every tile once, batched
+
+
 def test_a_none_input_is_passed_as_none():
     x = torch.arange(64.0).reshape(1, 1, 4, 4, 4)
     out = tiled_apply(lambda a, b: a + (0 if b is None else 100), x, None, window=(2, 4, 4), overlap=0.5)
