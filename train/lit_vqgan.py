@@ -23,6 +23,7 @@ from utils.build import build
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 from vq_gan_3d.checkpoint import STAGE, checkpoint_metadata
+from vq_gan_3d.losses import lesion_l1
 from vq_gan_3d.training import training_iteration
 
 
@@ -146,7 +147,7 @@ class LitVQGAN(pl.LightningModule):
                        "ssim_range2": ssim3d(real, fake, data_range=2.0, low=-1.0)}
             lesion = torch.isin(label[i, 0].cpu(), self.lesion_labels.cpu())
             if lesion.any():  # crops holding a lesion: its error, and its signed mean (< 0: lesions come out darker)
-                metrics["lesion_l1"] = float((fake - real)[lesion].abs().mean())
+                metrics["lesion_l1"] = float(lesion_l1(real, fake, lesion))
                 metrics["lesion_bias"] = float((fake - real)[lesion].mean())
             for sigma, copy in blurred.items():
                 metrics[f"psnr_range2_blur{sigma:g}"] = psnr(real, copy[i, 0], data_range=2.0)
