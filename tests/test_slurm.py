@@ -33,7 +33,7 @@ DEMO = [
 ]
 VQGAN_TINY = [
     "model.vqgan.base_channels=4", "model.vqgan.channel_mult=[1,1,1]", "model.vqgan.norm_groups=2",
-    "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4", "model.loss.perceptual_weight=0",
+    "model.vqgan.embedding_dim=4", "model.loss.perceptual_weight=0",
     "model.loss.disc_channels=4", "model.loss.disc_layers=2", "model.loss.gan_start_step=3",
     "model.vqgan.gradient_checkpointing=false", "model.val_image_volumes=1",
 ]
