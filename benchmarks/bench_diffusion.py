@@ -52,7 +52,7 @@ GUIDANCE = 1.5
 
 
 # ---------------------------------------------------------------------------------------------------- child
-def compose_configs(config: str, overrides: list[str]):
+def compose_configs(config: str, overrides: list[str], vqgan_overrides: list[str] = ()):
     from hydra import compose, initialize_config_dir
 
     from utils.paths import CONFIG_DIR
@@ -61,16 +61,16 @@ def compose_configs(config: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         diffusion = compose(config_name="diffusion",
                             overrides=experiment + ["model.vqgan_ckpt=unused", *overrides])
-        vqgan = compose(config_name="vqgan", overrides=experiment)
+        vqgan = compose(config_name="vqgan", overrides=experiment + list(vqgan_overrides))
     return diffusion, vqgan
 
 
-def build(config: str, device, overrides: list[str]):
+def build(config: str, device, overrides: list[str], vqgan_overrides: list[str] = ()):
     import torch
 
     from utils.build import build as build_node
 
-    diffusion_cfg, vqgan_cfg = compose_configs(config, overrides)
+    diffusion_cfg, vqgan_cfg = compose_configs(config, overrides, vqgan_overrides)
     label_nc = 37 if config == "paper" else int(diffusion_cfg.dataset.label_nc)
     timesteps = 500 if config == "paper" else int(diffusion_cfg.model.diffusion.timesteps)
     diffusion_cfg.model.diffusion.timesteps = timesteps
@@ -162,7 +162,7 @@ def run_child(spec: dict) -> dict:
     set_malloc_mmap_threshold()  # as the training and sampling entry points do
     device = torch.device(spec["device"])
     imported_gib = peak_gib(device) if device.type == "cpu" else 0.0
-    model, cfg, label_nc = build(spec["config"], device, spec["overrides"])
+    model, cfg, label_nc = build(spec["config"], device, spec["overrides"], spec["vqgan_overrides"])
     built_gib = peak_gib(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="UNet residual block (model.diffusion.unet.block; default: the config's)")
     parser.add_argument("--override", nargs="*", default=[],
                         help="Hydra overrides of the diffusion config, e.g. model.diffusion.unet.num_res_blocks=1")
+    parser.add_argument("--vqgan-override", nargs="*", default=[],
+                        help="Hydra overrides of the stage-1 config, e.g. model.vqgan.embedding_dim=8")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -235,14 +237,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     wanted = set(args.cases or [*TRAIN_CASES, "sample"])
     overrides = args.override + ([f"model.diffusion.unet.block={args.block}"] if args.block else [])
-    common = {"config": args.config, "device": args.device, "overrides": overrides}
+    common = {"config": args.config, "device": args.device, "overrides": overrides,
+              "vqgan_overrides": args.vqgan_override}
     specs = [{**common, "name": name, "kind": "train", "image": image, "batch": batch, "steps": args.steps}
              for name, (image, batch) in TRAIN_CASES.items() if name in wanted]
     if "sample" in wanted:
         specs += [{**common, "name": f"sample_{sampler}_{steps}_{image[0]}", "kind": "sample", "image": image,
                    "batch": 1, "sampler": sampler, "steps": steps, "warmup": args.device == "cuda"}
                   for image, sampler, steps in SAMPLE_CASES]
-    print(f"stage-2 benchmark: config {args.config} {' '.join(overrides)}, device {args.device}, "
+    print(f"stage-2 benchmark: config {args.config} {' '.join(overrides)} "
+          f"{' '.join(args.vqgan_override)}, device {args.device}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for spec in specs:

@@ -19,8 +19,8 @@ TINY = ["model.diffusion.unet.base_channels=8", "model.diffusion.unet.head_chann
         "model.diffusion.unet.group_width=4", "model.diffusion.unet.norm_groups=4",
         "model.diffusion.unet.mask_channels=4", "model.diffusion.unet.mask_hidden_channels=4",
         "model.diffusion.unet.spade_hidden_channels=4"]
-SPEC = {"config": "demo", "device": "cpu", "overrides": TINY, "batch": 1, "name": "train_small", "kind": "train",
-        "steps": 1}
+SPEC = {"config": "demo", "device": "cpu", "overrides": TINY, "vqgan_overrides": [], "batch": 1, "name": "train_small",
+        "kind": "train", "steps": 1}
 # Both images in one fresh process, smaller first: the peak is the process's running maximum, so the second
 # case's can only exceed the first's if the larger image really needs more memory.
 SCRIPT = """import json, sys
@@ -31,7 +31,7 @@ print(json.dumps([bench_diffusion.run_child(spec) for spec in json.loads(sys.arg
 
 def test_training_and_sampling_figures_follow_from_the_timings():
     train = bench_diffusion.with_ratios(bench_diffusion.run_child({**SPEC, "image": [16, 16, 16]}))
-    assert train["latent"] == [8, 4, 4, 4]  # the demo stage 1 halves every axis twice
+    assert train["latent"] == [16, 4, 4, 4]  # the demo stage 1: 16 latent channels, every axis halved twice
     assert train["speedup_vs_published"] == pytest.approx(1.26 / train["step_s"])  # published, side by side (issue 15)
     assert train["memory_fraction_of_published"] == pytest.approx(train["peak_gib"] / 1.58)
     assert train["rss_after_import_gib"] <= train["peak_gib"]  # a peak is a running maximum
@@ -45,7 +45,9 @@ def test_training_and_sampling_figures_follow_from_the_timings():
 
 
 def test_peak_memory_grows_with_the_image():
-    specs = [{**SPEC, "image": image} for image in ([16, 16, 16], [96, 96, 32])]
+    # --vqgan-override reaches stage 1: the demo's 16 latent channels become 8
+    specs = [{**SPEC, "image": image, "vqgan_overrides": ["model.vqgan.embedding_dim=8"]}
+             for image in ([16, 16, 16], [96, 96, 32])]
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(specs)], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
