@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         specs += [{**common, "name": f"sample_{sampler}_{steps}_{image[0]}", "kind": "sample", "image": image,
                    "batch": 1, "sampler": sampler, "steps": steps, "warmup": args.device == "cuda"}
                   for image, sampler, steps in SAMPLE_CASES]
-    print(f"stage-2 benchmark: config {args.config} {' '.join(overrides)} "
-          f"{' '.join(args.vqgan_override)}, device {args.device}, "
+    print(f"stage-2 benchmark: config {args.config} {' '.join([*overrides, *args.vqgan_override])}, "
+          f"device {args.device}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for spec in specs:

@@ -21,10 +21,11 @@ from ddp_harness import run_tasks
 
 DEMO = ["experiment=demo", "dataset.demo.n_subjects=6", "dataset.spacing=[6.0,6.0,6.0]",
         "dataset.crop_size=[32,32,16]", "dataset.num_workers=0", "dataset.batch_size=1"]
-VQGAN_TINY = ["model.vqgan.quantizer=ema_vq", "model.vqgan.base_channels=4", "model.vqgan.channel_mult=[1,1,1]", "model.vqgan.norm_groups=2",
-              "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4", "model.loss.perceptual_weight=0",
-              "model.loss.disc_channels=4", "model.loss.disc_layers=2", "model.vqgan.gradient_checkpointing=false",
-              "model.val_image_volumes=0"]
+# ema_vq, not the demo's kl: these tests compare the codebook (EMA sums, restarts) across ranks
+VQGAN_TINY = ["model.vqgan.quantizer=ema_vq", "model.vqgan.base_channels=4", "model.vqgan.channel_mult=[1,1,1]",
+              "model.vqgan.norm_groups=2", "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4",
+              "model.loss.perceptual_weight=0", "model.loss.disc_channels=4", "model.loss.disc_layers=2",
+              "model.vqgan.gradient_checkpointing=false", "model.val_image_volumes=0"]
 DIFFUSION_TINY = ["model.diffusion.unet.base_channels=8", "model.diffusion.unet.channel_mult=[1,2]",
                   "model.diffusion.unet.attention_levels=[]", "model.diffusion.unet.head_channels=8",
                   "model.diffusion.unet.group_width=4", "model.diffusion.unet.norm_groups=4",
