@@ -11,7 +11,9 @@ nnU-Net: `images/<id>.nii.gz` + `labels/<id>.nii.gz` (layout=images_labels) or `
 `labelsTr/<id>.nii.gz` + `dataset.json` (layout=nnunet), plus `attributes.csv` (per case `case_id`, the
 attributes the map was generated for as `requested_<class>_<attribute>` and what it shows as
 `measured_<class>_<attribute>`, `dataset.attributes.as_row` columns) and `generate.json` (checkpoints, settings,
-versions). Pair k depends only on `seed` and k.
+versions). Pair k depends only on `seed` and k. `sweep={lesion_volume_ml: [1, 2, 4, 8]}` (any one `lesion_*` key):
+n pairs for each value, the k-th pair of every value with the same seeds, so along a row of pairs only the swept
+attribute changes (ids run on: value j's pair k is gen<j*n + k>).
 
 Everything is checked before anything is written: the checkpoints (and that both were trained on the same data
 settings), the requested attributes (negative volume, centroid outside [0, 1], unknown class, ...), that the
@@ -69,6 +71,23 @@ def request_values(cfg: DictConfig) -> dict:
             for key in REQUEST_KEYS}
 
 
+def sweep_requests(cfg: DictConfig) -> list[dict]:
+    """One request per sweep value (the `lesion_*` keys with the swept one replaced), or the one request."""
+    base = request_values(cfg)
+    if cfg.sweep is None:
+        return [base]
+    sweep = OmegaConf.to_container(cfg.sweep) if OmegaConf.is_config(cfg.sweep) else cfg.sweep
+    if not isinstance(sweep, dict) or len(sweep) != 1 or next(iter(sweep)) not in REQUEST_KEYS:
+        raise UserError(f"sweep={sweep}: must be one of {', '.join(REQUEST_KEYS)} with a list of values, "
+                        "e.g. sweep={lesion_volume_ml:[1,2,4]}")
+    (key, values), = sweep.items()
+    if not isinstance(values, list) or not values:
+        raise UserError(f"sweep.{key}={values}: must be a non-empty list of values")
+    if base[key] is not None:
+        raise UserError(f"sweep.{key} and {key}={base[key]}: set one of them")
+    return [{**base, key: value} for value in values]
+
+
 def nnunet_dataset_json(dataset: Mapping, n: int) -> dict:
     """nnU-Net v2's dataset.json for the generated training cases."""
     return {"channel_names": {"0": NNUNET_CHANNEL[str(dataset["modality"])]},
@@ -89,7 +108,7 @@ def run(cfg: DictConfig) -> list[str]:
     generator, meta = load_label_generator(cfg.labels_ckpt, map_location=device)
     lesions = meta["lesion_classes"]
     lesion_names = list(lesions)
-    requested = check_requested(request_values(cfg), lesion_names)
+    requests = [check_requested(request, lesion_names) for request in sweep_requests(cfg)]
     model, diffusion_meta = load_diffusion(cfg.ckpt, map_location=device)
     check_data_settings(meta["dataset"], diffusion_meta["dataset"], f"ckpt={cfg.ckpt}",
                         sides=(f"the label generator {cfg.labels_ckpt}", "the stage-2 checkpoint"))
@@ -99,10 +118,11 @@ def run(cfg: DictConfig) -> list[str]:
         if float(cfg[key].guidance_scale) < 0:
             raise UserError(f"{key}.guidance_scale={cfg[key].guidance_scale}: must be >= 0")
     draws = [draw_attributes(requested, meta["attribute_table"], lesion_names,
-                             np.random.default_rng(stream_seeds(cfg.seed, index)[0])) for index in range(n)]
+                             np.random.default_rng(stream_seeds(cfg.seed, index)[0]))
+             for requested in requests for index in range(n)]
 
     out = Path(str(cfg.out))
-    ids = case_ids(n)
+    ids = case_ids(len(draws))
     outputs = [case_paths(out, layout, case_id) for case_id in ids]
     extra = [out / "attributes.csv", out / "generate.json"] + ([out / "dataset.json"] if layout == "nnunet" else [])
     for path in [p for paths in outputs for p in paths.values()] + extra:
@@ -117,7 +137,7 @@ def run(cfg: DictConfig) -> list[str]:
 
     rows = []
     for index, (case_id, paths, drawn) in enumerate(tqdm(list(zip(ids, outputs, draws)), desc="pairs", unit="pair")):
-        _, label_seed, image_seed = stream_seeds(cfg.seed, index)
+        _, label_seed, image_seed = stream_seeds(cfg.seed, index % n)
         attributes = generator.standardise(attribute_vector(drawn, lesion_names)[None])
         label = generator.sample(attributes, shape, settings=label_settings,
                                  guidance_scale=float(cfg.label_sampler.guidance_scale),
@@ -133,11 +153,12 @@ def run(cfg: DictConfig) -> list[str]:
 
     write_csv(rows, out / "attributes.csv", overwrite)
     if layout == "nnunet":
-        write_json(nnunet_dataset_json(meta["dataset"], n), out / "dataset.json", overwrite)
+        write_json(nnunet_dataset_json(meta["dataset"], len(ids)), out / "dataset.json", overwrite)
     write_json({"labels_checkpoint": {"file": Path(str(cfg.labels_ckpt)).name, "sha256": file_sha256(cfg.labels_ckpt)},
                 "checkpoint": {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)},
                 "n": n, "seed": int(cfg.seed), "layout": layout,
                 "requested": request_values(cfg),
+                "sweep": OmegaConf.to_container(cfg.sweep) if OmegaConf.is_config(cfg.sweep) else cfg.sweep,
                 "label_sampler": OmegaConf.to_container(cfg.label_sampler),
                 "image_sampler": OmegaConf.to_container(cfg.image_sampler),
                 "volume_shape": shape, "spacing_mm": [float(s) for s in meta["dataset"]["spacing"]],

@@ -46,14 +46,14 @@ from tqdm import tqdm
 from dataset.attributes import lesion_classes
 from dataset.cache import load_preprocessed
 from dataset.edit_labels import EditOptions, as_label_array, edit_label_file, edit_label_map
-from dataset.geometry import to_model_grid
 from dataset.io import load_nifti
 from dataset.validate import class_names, validate_dataset
 from evaluation import figures
 from evaluation.pairing import SYNTHETIC_STEM, list_nifti, nifti_stem, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.segmentation import case_mean, list_synthetic, load_split, synthetic_volumes
-from evaluation.segmenter import Volume, evaluate_dice, preprocess_synthetic, settings_from, train_segmenter
+from evaluation.segmenter import (Volume, evaluate_dice, preprocess_pair, preprocess_synthetic, settings_from,
+                                  train_segmenter)
 from evaluation.stats import paired_bootstrap
 from utils.atomic import check_writable
 from utils.device import resolve_device
@@ -344,13 +344,10 @@ class VolumeStore:
         if key not in self.volumes:
             if item.label is None:
                 case = self.preprocessed(item.source)
-                label, shape = np.asarray(case.label), case.grid_info.original_shape
+                self.volumes[key] = preprocess_synthetic(item.scan, np.asarray(case.label),
+                                                         case.grid_info.original_shape, self.dataset_cfg)
             else:
-                raw, affine = load_nifti(item.label)
-                label, _ = to_model_grid(as_label_array(raw, str(item.label)), affine,
-                                         list(self.dataset_cfg.spacing), is_label=True)
-                shape = raw.shape
-            self.volumes[key] = preprocess_synthetic(item.scan, label, shape, self.dataset_cfg)
+                self.volumes[key] = preprocess_pair(item.scan, item.label, self.dataset_cfg)
         return self.volumes[key]
 
 

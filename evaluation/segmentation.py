@@ -5,7 +5,9 @@ selected on the validation cases is applied to the real test cases and to synthe
 same test label maps; Dice per class keyed by class name (background excluded, the lesion classes first), their
 means, and the ratios synthetic / real. The test split never trains anything and never selects a model. Whether
 synthetic scans help a segmenter (real only vs real + synthetic arms, low-data regimes, seeds, intervals) is
-`evaluation.augmentation`.
+`evaluation.augmentation`. With `generated=DIR` (the output of `ddpm.generate`: images/ + labels/, maps that come
+from no case), the same segmenter is scored on the generated pairs against their own maps, and the ratio to the
+real test cases' Dice says whether scans of new anatomies are as segmentable as real ones.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from evaluation.segmenter import (
     evaluate_dice,
     load_segmenter,
     mean_per_class,
+    preprocess_pair,
     preprocess_synthetic,
     save_segmenter,
     train_segmenter,
@@ -81,6 +84,25 @@ def synthetic_volumes(folders, cases_by_id: dict, preprocessed: dict, split: dic
         groups["test"].append(
             preprocess_synthetic(path, np.asarray(case.label), case.grid_info.original_shape, dataset_cfg))
     return groups
+
+
+def generated_volumes(folder, dataset_cfg) -> list:
+    """The pairs of a `ddpm.generate` output folder (layout images_labels): scan and map share a stem."""
+    root = Path(folder)
+    images = list_nifti(root / "images", "generated scan")
+    labels = list_nifti(root / "labels", "generated label map")
+    unpaired = sorted(set(images) ^ set(labels))
+    if unpaired:
+        raise UserError(f"{root}: images/ and labels/ do not pair: {', '.join(unpaired[:3])} only in one of them")
+    return [preprocess_pair(images[stem], labels[stem], dataset_cfg)
+            for stem in tqdm(images, desc="generated pairs", unit="pair")]
+
+
+def ratios(other: dict, real: dict, meaning: str) -> dict:
+    """Mean and per-class Dice ratio of a summary to the real test cases' summary."""
+    return {"value": ratio(other["mean"], real["mean"]),
+            "per_class": {name: ratio(other["per_class"][name], value) for name, value in real["per_class"].items()},
+            "meaning": meaning}
 
 
 def case_mean(dice: dict) -> float:
@@ -138,6 +160,7 @@ def run(cfg: DictConfig) -> dict:
     synthetic = {"test": [], "ignored": []}
     if cfg.synthetic is not None:
         synthetic = synthetic_volumes(cfg.synthetic, cases_by_id, used, split, cfg.dataset)
+    generated = [] if cfg.generated is None else generated_volumes(cfg.generated, cfg.dataset)
 
     rows = []
     if reuse:
@@ -157,22 +180,25 @@ def run(cfg: DictConfig) -> dict:
         syn_results = evaluate_dice(model, synthetic["test"])
         rows += case_rows("fidelity", "synthetic", int(cfg.seed), syn_results)
         results["dice_synthetic_test"] = summarise_dice(syn_results)
-        real_summary, syn_summary = results["dice_real_test"], results["dice_synthetic_test"]
-        results["dice_ratio_synthetic_over_real"] = {
-            "value": ratio(syn_summary["mean"], real_summary["mean"]),
-            "per_class": {name: ratio(syn_summary["per_class"][name], value)
-                          for name, value in real_summary["per_class"].items()},
-            "meaning": "mean Dice on synthetic volumes / mean Dice on the real volumes of the same test label maps",
-        }
+        results["dice_ratio_synthetic_over_real"] = ratios(
+            results["dice_synthetic_test"], results["dice_real_test"],
+            "mean Dice on synthetic volumes / mean Dice on the real volumes of the same test label maps")
     else:
         results["dice_synthetic_test"] = skipped(
             "no synthetic volumes of test cases; pass synthetic=DIR holding <test case>_syn<k>.nii.gz")
+    if generated:
+        gen_results = evaluate_dice(model, generated)
+        rows += case_rows("fidelity", "generated", int(cfg.seed), gen_results)
+        results["dice_generated"] = summarise_dice(gen_results)
+        results["dice_ratio_generated_over_real"] = ratios(
+            results["dice_generated"], results["dice_real_test"],
+            "mean Dice on generated pairs (against their own maps) / mean Dice on the real test cases")
 
     settings = model.settings
     report = {
         "settings": {
             "dataset": str(cfg.dataset.name), "n_train": len(real["train"]), "n_val": len(real["val"]),
-            "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]),
+            "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]), "n_generated": len(generated),
             "synthetic_ignored": synthetic["ignored"],
             "segmenter": settings.network, "crop_size": settings.crop_size, "max_steps": settings.max_steps,
             "batch_size": settings.batch_size, "lr": settings.lr, "seed": int(cfg.seed), "device": str(device),
@@ -205,6 +231,9 @@ def console_lines(results: dict) -> dict:
     lines["dice synthetic test"] = syn if syn.get("skipped") else {"value": syn["mean"]}
     if "dice_ratio_synthetic_over_real" in results:
         lines["ratio synthetic/real"] = {"value": results["dice_ratio_synthetic_over_real"]["value"]}
+    if "dice_generated" in results:
+        lines["dice generated pairs"] = {"value": results["dice_generated"]["mean"]}
+        lines["ratio generated/real"] = {"value": results["dice_ratio_generated_over_real"]["value"]}
     return lines
 
 

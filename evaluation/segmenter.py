@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from dataset.attributes import lesion_classes
 from dataset.crops import IMAGE_PAD_VALUE, pad_to_at_least, sample_crop, unpad
+from dataset.edit_labels import as_label_array
 from dataset.geometry import to_model_grid
 from dataset.intensity import build_normalizer
 from dataset.io import load_nifti
@@ -79,6 +80,14 @@ def preprocess_synthetic(path: Path, source_label: np.ndarray, original_shape: S
         raise UserError(f"{path}: on the model grid its shape {normalised.shape} differs from its label map "
                         f"{source_label.shape}; check the affine")
     return Volume.from_arrays(path.name, normalised, source_label)
+
+
+def preprocess_pair(path: Path, label_path: Path, dataset_cfg) -> Volume:
+    """A synthetic volume with its own label map file (an edited or a generated map), both on the same grid ->
+    the model grid, the image normalised as the real images were."""
+    raw, affine = load_nifti(label_path)
+    label, _ = to_model_grid(as_label_array(raw, str(label_path)), affine, list(dataset_cfg.spacing), is_label=True)
+    return preprocess_synthetic(path, label, raw.shape, dataset_cfg)
 
 
 def network_settings(network_cfg, label_nc: int) -> dict:

@@ -192,14 +192,32 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert "dice_background" not in rows[0] and {"dice_class_1", "dice_class_2", "dice_mean"} <= set(rows[0])
     assert sorted(r["source"] for r in rows) == ["real", "real", "synthetic", "synthetic"]  # sources x cases
 
-    # segmenter_weights=: the saved segmenter evaluates again without training, with the same Dice
+    # segmenter_weights=: the saved segmenter evaluates again without training, with the same Dice; generated=:
+    # pairs of ddpm.generate's layout, here the real test cases under new names, so their Dice is the real one
+    generated = tmp_path / "generated"
+    for k, case in enumerate(split["test"]):
+        for kind in ("images", "labels"):
+            (generated / kind).mkdir(parents=True, exist_ok=True)
+            shutil.copy(data / kind / f"{case}.nii.gz", generated / kind / f"gen{k:04d}.nii.gz")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         reuse_cfg = compose("segmentation", overrides=[
-            *overrides, f"out={tmp_path / 'again'}", f"segmenter_weights={tmp_path / 'out' / 'segmenter.pt'}"])
+            *overrides, f"out={tmp_path / 'again'}", f"segmenter_weights={tmp_path / 'out' / 'segmenter.pt'}",
+            f"generated={generated}"])
     segmentation.run(reuse_cfg)
     assert trained_on == [split["train"]]  # nothing trained the second time
-    again = json.loads((tmp_path / "again" / "segmentation.json").read_text())["metrics"]
+    report_again = json.loads((tmp_path / "again" / "segmentation.json").read_text())
+    again = report_again["metrics"]
     assert again["dice_real_test"]["per_class"] == real["per_class"]
+    assert report_again["settings"]["n_generated"] == 2 and again["dice_generated"]["n"] == 2
+    for name, value in real["per_class"].items():
+        assert again["dice_generated"]["per_class"][name] == pytest.approx(value, abs=1e-12)
+    assert again["dice_ratio_generated_over_real"]["value"] == pytest.approx(1.0, abs=1e-12)
+    (generated / "labels" / "gen0001.nii.gz").rename(generated / "labels" / "other.nii.gz")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        unpaired_cfg = compose("segmentation", overrides=[*reuse_cfg_overrides(overrides, tmp_path),
+                                                          f"generated={generated}"])
+    with pytest.raises(UserError, match="do not pair: gen0001, other"):
+        segmentation.run(unpaired_cfg)
     assert again["training"]["reused"].endswith("segmenter.pt") and not (tmp_path / "again" / "segmenter.pt").exists()
     for extra, message in (("dataset.split.seed=5", "trained on test case"),  # other split: test cases it saw
                            ("dataset.spacing=[3,3,3]", "spacing")):

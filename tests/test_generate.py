@@ -3,12 +3,14 @@ holds requested and measured attributes, bad attributes write nothing, existing 
 from __future__ import annotations
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+import benchmarks.make_generated_figure as figure
 from dataset.attributes import measure, read_requested_csv
 from dataset.validate import validate_dataset
 from ddpm.generate import run
@@ -96,6 +98,9 @@ def test_nnunet_layout(compose_cfg, ckpts, tmp_path):
     ("lesion_volume_ml={liver:3}", "unknown lesion class 'liver'"),
     ("n=0", "n=0"),
     ("layout=bids", "layout=bids"),
+    ("sweep={lesion_size:[1]}", "sweep="),
+    ("sweep={lesion_volume_ml:[]}", "non-empty list"),
+    ("sweep={lesion_volume_ml:[1,-2]}", "lesion volume in mL >= 0"),
 ])
 def test_bad_values_are_one_line_errors_and_write_nothing(compose_cfg, ckpts, tmp_path, bad, message):
     out = tmp_path / "out"
@@ -112,6 +117,33 @@ def test_other_data_settings_are_refused(compose_cfg, ckpts, tmp_path):
                                         r"the stage-2 checkpoint"):
         run(compose_cfg("generate", [f"labels_ckpt={labels}", f"ckpt={other}", f"out={tmp_path / 'o'}", "n=1"]))
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_gives_rows_where_only_the_swept_attribute_changes(compose_cfg, ckpts, tmp_path):
+    out = tmp_path / "sweep"
+    ids = run(generate_cfg(compose_cfg, ckpts, out, "sweep={lesion_volume_ml:[0.5,2.0]}", "lesion_count=1"))
+    assert ids == ["gen0000", "gen0001", "gen0002", "gen0003"]  # value j's pair k is gen<j*n + k>, n=2
+    requests = read_requested_csv(out / "attributes.csv", list(LESIONS))
+    assert [requests[i]["class_2"]["volume_ml"] for i in ids] == [0.5, 0.5, 2.0, 2.0]
+    assert all(requests[i]["class_2"]["count"] == 1 for i in ids)
+    # the same drawn attributes and noise along a row: pair k of each value differs only by the swept volume
+    for k in range(2):
+        first, second = (requests[ids[j * 2 + k]]["class_2"] for j in range(2))
+        assert first["centroid"] == second["centroid"]
+    assert json.loads((out / "generate.json").read_text())["sweep"] == {"lesion_volume_ml": [0.5, 2.0]}
+    # the README figure picks pair 0 of each value, in the order of the requested volume
+    rows = figure.read_pairs(out)
+    assert [r["case_id"] for r in figure.sweep_row(rows[::-1], "requested_class_2_volume_ml")] == ["gen0000", "gen0002"]
+    assert figure.main(["--pairs", str(out), "--sweep", str(out), "--lesion-name", "class_2",
+                        "--out", str(tmp_path / "fig.png")]).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="set one of them"):
+        run(generate_cfg(compose_cfg, ckpts, tmp_path / "both", "sweep={lesion_volume_ml:[1]}", "lesion_volume_ml=1"))
+
+
+def test_figure_slices_through_the_lesion_centroid():
+    label = np.zeros((4, 4, 10), np.int64)
+    label[1, 1, 6:9] = 2
+    assert figure.lesion_slice(label, 2) == 7 and figure.lesion_slice(label, 1) == 5  # no class 1: the middle
 
 
 def test_same_seed_same_pairs_and_existing_outputs_kept(compose_cfg, ckpts, tmp_path):
