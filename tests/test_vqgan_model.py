@@ -77,9 +77,14 @@ def test_spade_resizes_the_label_and_follows_it():
     assert spade_2d(torch.randn(2, 4, 6, 6), torch.rand(2, 2, 12, 12)).shape == (2, 4, 6, 6)
 
 
-def test_spade_decoder_reconstruction_changes_with_the_label():
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_spade_decoder_reconstruction_changes_with_the_label(kernel):
     torch.manual_seed(0)
-    model = VQGAN(channel_mult=(1, 2), downsample=(2, 2, 2), label_nc=3, mask_compressor_channels=2, **TINY)
+    model = VQGAN(channel_mult=(1, 2), downsample=(2, 2, 2), label_nc=3, mask_compressor_channels=2,
+                  spade_kernel_size=kernel, **TINY)
+    spade_kernels = {m.kernel_size for name, m in model.decoder.named_modules()
+                     if isinstance(m, torch.nn.Conv3d) and ("shared" in name or "to_gamma" in name)}
+    assert spade_kernels == {(kernel,) * 3}  # every SPADE convolution of the decoder
     image = torch.rand(1, 1, 8, 8, 8) * 2 - 1
     label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
     label[..., 2:6, 2:6, 2:6] = 1

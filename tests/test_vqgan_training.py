@@ -167,12 +167,15 @@ def test_reconstruct_writes_nifti_on_the_input_grid_in_native_units(demo_run, de
 
     run_dir, _, _ = demo_run
     images = sorted((__import__("dataset.demo", fromlist=["x"]).ensure_demo_dataset(demo_cfg) / "images").iterdir())
-    folder = tmp_path / "in"
+    folder, labels = tmp_path / "in", tmp_path / "labels"
     folder.mkdir()
+    labels.mkdir()
     for path in images[:2]:
         (folder / path.name).symlink_to(path)
+        (labels / path.name).symlink_to(path.parent.parent / "labels" / path.name)
     written = reconstruct_folder(compose("reconstruct", [f"ckpt={run_dir / 'last.ckpt'}", f"images={folder}",
-                                                         f"out={tmp_path / 'out'}", "device=cpu"]))
+                                                         f"labels={labels}", f"out={tmp_path / 'out'}",
+                                                         "device=cpu"]))  # the demo decoder is SPADE
     assert len(written) == 2
     for source, out in zip(images[:2], written):
         a, b = nib.load(source), nib.load(out)

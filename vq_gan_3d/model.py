@@ -68,6 +68,7 @@ class VQGAN(nn.Module):
         kl_weight: float = 1e-6,
         label_nc: int | None = None,
         spade_hidden: int = 32,
+        spade_kernel_size: int = 3,
         mask_compressor_channels: int = 0,
         mask_compressor_hidden: int = 16,
         gradient_checkpointing: bool = False,
@@ -106,6 +107,7 @@ class VQGAN(nn.Module):
                                                              hidden_channels=mask_compressor_hidden)
                 label_channels = mask_compressor_channels
         self.decoder = Decoder(out_channels=in_channels, label_channels=label_channels, spade_hidden=spade_hidden,
+                               spade_kernel_size=spade_kernel_size,
                                embedding_dim=embedding_dim, **shape)
 
     @property

@@ -82,9 +82,11 @@ class Encoder(nn.Module):
 class SPADEResBlock(nn.Module):
     """PreActResBlock whose GroupNorms are SPADE layers fed the label map."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, norm_groups: int, label_channels: int, hidden: int):
+    def __init__(self, *, in_channels: int, out_channels: int, norm_groups: int, label_channels: int, hidden: int,
+                 kernel_size: int = 3):
         super().__init__()
-        spade = dict(label_channels=label_channels, hidden_channels=hidden, norm_groups=norm_groups, spatial_dims=3)
+        spade = dict(label_channels=label_channels, hidden_channels=hidden, norm_groups=norm_groups, spatial_dims=3,
+                     kernel_size=kernel_size)
         self.norm1 = SPADE(norm_channels=in_channels, **spade)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
         self.norm2 = SPADE(norm_channels=out_channels, **spade)
@@ -129,6 +131,7 @@ class Decoder(nn.Module):
         norm_groups: int,
         label_channels: int | None = None,
         spade_hidden: int = 32,
+        spade_kernel_size: int = 3,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -141,7 +144,8 @@ class Decoder(nn.Module):
         def res_block(ch: int) -> nn.Module:
             if self.spade:
                 return SPADEResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups,
-                                     label_channels=label_channels, hidden=spade_hidden)
+                                     label_channels=label_channels, hidden=spade_hidden,
+                                     kernel_size=spade_kernel_size)
             return PreActResBlock(in_channels=ch, out_channels=ch, norm_groups=norm_groups)
 
         self.conv_in = nn.Conv3d(embedding_dim, channels[-1], 3, padding=1)
@@ -154,7 +158,8 @@ class Decoder(nn.Module):
         self.body = nn.ModuleList(layers)
         if self.spade:
             self.norm_out = SPADE(norm_channels=channels[0], label_channels=label_channels,
-                                  hidden_channels=spade_hidden, norm_groups=norm_groups, spatial_dims=3)
+                                  hidden_channels=spade_hidden, norm_groups=norm_groups, spatial_dims=3,
+                                  kernel_size=spade_kernel_size)
         else:
             self.norm_out = group_norm(channels[0], norm_groups)
         self.conv_out = nn.Conv3d(channels[0], out_channels, 3, padding=1)
