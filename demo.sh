@@ -22,8 +22,9 @@ bash train/sample_eval.sh runs/diffusion-demo runs/demo-eval sample:sampler=dpmp
 python -m evaluation.segmentation dataset=demo out=runs/demo-eval/segmentation overwrite=true \
     split_file=runs/diffusion-demo/split.json synthetic=runs/demo-eval/samples
 python -m train.export_split run_dir=runs/diffusion-demo out=runs/demo-eval/train split=train overwrite=true
-# Are the synthetic scans copies of training scans? Nearest training volume by NCC and by segmenter features.
+# Are the synthetic scans copies of training scans? Nearest training volume by NCC and by segmenter features; a
+# scan no closer to training than the real scan of its own label map is not a copy (real=).
 python -m evaluation.memorization train=runs/demo-eval/train/images fake=runs/demo-eval/samples \
-    out=runs/demo-eval/memorization overwrite=true features=segmenter \
+    real=runs/demo-eval/test/images out=runs/demo-eval/memorization overwrite=true features=segmenter \
     segmenter_weights=runs/demo-eval/segmentation/segmenter.pt
 echo "done: checkpoints in runs/vqgan-demo and runs/diffusion-demo, samples and metrics in runs/demo-eval"

@@ -6,6 +6,9 @@ A synthetic volume is flagged as a near-copy when its best NCC reaches `threshol
 training volume than any two training volumes are to each other); NCC and feature distance are also put in scale
 as percentiles of the training volumes' own nearest-neighbour values. A volume generated from a training label
 map (`<training stem>_syn<k>`) shares that case's anatomy by construction, so its NCC to it is high by design.
+So does a volume generated from a held-out map with the real scan of that map: with `real=DIR` (those real scans,
+`<case>` for `<case>_syn<k>`), a volume above the threshold is flagged only if it is also closer to a training
+volume than its own real scan is; otherwise the closeness is the label map's (`explained_by_label_map`).
 Privacy check: synthetic NIfTI headers must carry no free-text metadata (descrip, aux_file, intent_name, db_name,
 data_type) and no header extensions; only the names of offending fields are reported, never their content.
 """
@@ -156,8 +159,16 @@ def match(train: tuple[np.ndarray, np.ndarray | None], fake: tuple[np.ndarray, n
     return found
 
 
-def case_rows(found: Matches, fake: dict[str, Path], train: dict[str, Path]) -> list[dict]:
-    """One `per_case.csv` row per synthetic volume: its nearest training volumes, percentiles, header check."""
+def real_nearest_ncc(real: dict[str, Path], train_vectors: np.ndarray, grid) -> dict[str, float]:
+    """Each real scan's best NCC to a training volume: how close its label map's anatomy already is."""
+    vectors, _ = describe(real, "real", grid, None)
+    return dict(zip(real, nearest(vectors @ train_vectors.T, larger_is_closer=True)[1].tolist()))
+
+
+def case_rows(found: Matches, fake: dict[str, Path], train: dict[str, Path],
+              real_ncc: dict[str, float] | None = None) -> list[dict]:
+    """One `per_case.csv` row per synthetic volume: its nearest training volumes, percentiles, header check;
+    with `real_ncc` ({real stem: its best NCC to training}) also that of its own real scan."""
     train_names, rows = list(train), []
     for i, name in enumerate(fake):
         row = {"fake": name, "generated_from_training_label": source_stem(name, train) is not None,
@@ -171,7 +182,13 @@ def case_rows(found: Matches, fake: dict[str, Path], train: dict[str, Path]) -> 
                 row["feature_distance_percentile"] = float((found.reference_distance < found.feature_best[i]).mean()
                                                            * 100)
         row["header_metadata"] = ";".join(header_metadata(fake[name]))
-        row["flagged"] = bool(found.ncc_best[i] >= found.threshold)
+        above = bool(found.ncc_best[i] >= found.threshold)
+        source = None if real_ncc is None else source_stem(name, real_ncc)
+        if source is not None:
+            row["real_scan_ncc"] = real_ncc[source]
+        explained = above and source is not None and found.ncc_best[i] <= real_ncc[source]
+        row["explained_by_label_map"] = explained
+        row["flagged"] = above and not explained
         rows.append(row)
     return rows
 
@@ -194,6 +211,7 @@ def summary_results(found: Matches, rows: list[dict], cfg, feature_reason: str |
             "reference_train_nearest_min": reference_stat(found.reference_distance, np.min),
             "reference_train_nearest_median": reference_stat(found.reference_distance, np.median)},
         "flagged": flagged,
+        "explained_by_label_map": [row["fake"] for row in rows if row["explained_by_label_map"]],
         "header_metadata": {"n_files": len(header_problems), "files": header_problems,
                             "checked": list(TEXT_FIELDS) + ["extensions"]},
     }
@@ -211,11 +229,17 @@ def run(cfg: DictConfig) -> dict:
         featurizer, feature_reason = Featurizer(cfg, device), None
     except WeightsUnavailable as err:
         featurizer, feature_reason = None, str(err)
-    found = match(describe(train, "training", cfg.grid, featurizer), describe(fake, "synthetic", cfg.grid, featurizer),
-                  cfg.threshold)
-    rows = case_rows(found, fake, train)
+    train_described = describe(train, "training", cfg.grid, featurizer)
+    found = match(train_described, describe(fake, "synthetic", cfg.grid, featurizer), cfg.threshold)
+    real_ncc = None
+    if cfg.real is not None:
+        real = list_nifti(cfg.real, "real")
+        refuse_same_data(cfg.real, cfg.fake, real, fake)
+        real_ncc = real_nearest_ncc(real, train_described[0], cfg.grid)
+    rows = case_rows(found, fake, train, real_ncc)
     results = summary_results(found, rows, cfg, feature_reason)
-    report = {"settings": {"train": str(cfg.train), "fake": str(cfg.fake), "n_train": len(train),
+    report = {"settings": {"train": str(cfg.train), "fake": str(cfg.fake),
+                           "real": None if cfg.real is None else str(cfg.real), "n_train": len(train),
                            "n_fake": len(fake), "grid": list(cfg.grid), "features": cfg.features,
                            "ncc": "Pearson correlation of voxels on the common grid",
                            "percentiles": "per case: % of training volumes whose nearest other training volume "
@@ -230,6 +254,8 @@ def run(cfg: DictConfig) -> dict:
     print_summary(f"memorisation audit: {len(fake)} synthetic vs {len(train)} training -> {out}", {
         "median best NCC": {"value": results["ncc"]["median"]},
         f"near-copies (NCC >= {found.threshold:.4g})": {"value": f"{len(flagged)} {flagged[:5]}"},
+        **({} if real_ncc is None else {"as close as their own real scan": {
+            "value": f"{len(results['explained_by_label_map'])} {results['explained_by_label_map'][:5]}"}}),
         "feature distance": results["feature_distance"] if featurizer is None else
         {"value": results["feature_distance"]["median"]},
         "headers with metadata": {"value": f"{len(headers)} {sorted(headers)[:5]}"},

@@ -70,3 +70,31 @@ def test_refuses_training_folder_as_fake(tmp_path):
     save_nifti(np.ones((8, 8, 4), np.float32), np.eye(4), tmp_path / "train" / "a.nii.gz")
     with pytest.raises(UserError, match="train and fake are the same folder"):
         run(config([f"train={tmp_path / 'train'}", f"fake={tmp_path / 'train'}", f"out={tmp_path / 'out'}"]))
+
+
+def test_a_volume_no_closer_than_its_own_real_scan_is_explained_by_its_label_map(tmp_path):
+    affine = phantom_affine((2.0, 2.0, 2.0))
+    train = []
+    for i in range(4):
+        image, _ = phantom_volume((24, 24, 16), 3, "ct", seed=10 + i)
+        save_nifti(image, affine, tmp_path / "train" / f"case{i}.nii.gz")
+        train.append(image)
+    rng = np.random.default_rng(0)
+    noisy = [t + rng.normal(0, 0.2 * t.std(), t.shape) for t in train]
+    # a: the synthetic volume is a training copy while the real scan of its map is only close: memorisation
+    save_nifti(train[2], affine, tmp_path / "fake" / "a_syn0.nii.gz")
+    save_nifti(noisy[2], affine, tmp_path / "real" / "a.nii.gz")
+    # b: the real scan of its map is itself a training scan and the synthetic one is no closer: the map's anatomy
+    save_nifti(noisy[1], affine, tmp_path / "fake" / "b_syn0.nii.gz")
+    save_nifti(train[1], affine, tmp_path / "real" / "b.nii.gz")
+    common = [f"train={tmp_path / 'train'}", f"fake={tmp_path / 'fake'}", "grid=[24,24,16]", "threshold=0.9",
+              "device=cpu"]
+    alone = run(config([*common, f"out={tmp_path / 'alone'}"]))["results"]
+    assert alone["flagged"] == ["a_syn0", "b_syn0"] and alone["explained_by_label_map"] == []
+    results = run(config([*common, f"out={tmp_path / 'out'}", f"real={tmp_path / 'real'}"]))["results"]
+    assert results["flagged"] == ["a_syn0"] and results["explained_by_label_map"] == ["b_syn0"]
+    with open(tmp_path / "out" / "per_case.csv") as handle:
+        rows = {row["fake"]: row for row in csv.DictReader(handle)}
+    assert float(rows["b_syn0"]["real_scan_ncc"]) == pytest.approx(1.0, abs=1e-9)
+    assert float(rows["a_syn0"]["ncc"]) == pytest.approx(1.0, abs=1e-9)
+    assert 0.9 <= float(rows["a_syn0"]["real_scan_ncc"]) < 0.999  # close, but the synthetic volume is closer
