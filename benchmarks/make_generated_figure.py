@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
                     fontsize=9)
     axes[2, 0].text(-0.1, 0.5, "only the volume\nrequest changes", transform=axes[2, 0].transAxes, rotation=90,
                     va="center", ha="right", fontsize=9)
-    fig.suptitle("Generated label maps (attributes drawn from training) and their synthetic scans; below, one noise "
+    fig.suptitle("Generated label maps (attributes drawn from training) and their synthetic scans;\nbelow, one noise "
                  "seed with the requested lesion volume swept", fontsize=9)
     fig.tight_layout()
     with atomic_path(args.out, overwrite=args.overwrite) as tmp:
