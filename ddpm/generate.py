@@ -65,10 +65,14 @@ def stream_seeds(seed: int, index: int) -> tuple[int, int, int]:
     return tuple(int(s >> 1) for s in states)
 
 
+def plain(value):
+    """A config node as plain lists/dicts; anything else as it is."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
 def request_values(cfg: DictConfig) -> dict:
     """The `lesion_*` keys as given (plain values or {class name: value}; None = unset)."""
-    return {key: OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in REQUEST_KEYS}
+    return {key: plain(cfg[key]) for key in REQUEST_KEYS}
 
 
 def sweep_requests(cfg: DictConfig) -> list[dict]:
@@ -76,7 +80,7 @@ def sweep_requests(cfg: DictConfig) -> list[dict]:
     base = request_values(cfg)
     if cfg.sweep is None:
         return [base]
-    sweep = OmegaConf.to_container(cfg.sweep) if OmegaConf.is_config(cfg.sweep) else cfg.sweep
+    sweep = plain(cfg.sweep)
     if not isinstance(sweep, dict) or len(sweep) != 1 or next(iter(sweep)) not in REQUEST_KEYS:
         raise UserError(f"sweep={sweep}: must be one of {', '.join(REQUEST_KEYS)} with a list of values, "
                         "e.g. sweep={lesion_volume_ml:[1,2,4]}")
@@ -158,7 +162,7 @@ def run(cfg: DictConfig) -> list[str]:
                 "checkpoint": {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)},
                 "n": n, "seed": int(cfg.seed), "layout": layout,
                 "requested": request_values(cfg),
-                "sweep": OmegaConf.to_container(cfg.sweep) if OmegaConf.is_config(cfg.sweep) else cfg.sweep,
+                "sweep": plain(cfg.sweep),
                 "label_sampler": OmegaConf.to_container(cfg.label_sampler),
                 "image_sampler": OmegaConf.to_container(cfg.image_sampler),
                 "volume_shape": shape, "spacing_mm": [float(s) for s in meta["dataset"]["spacing"]],
