@@ -6,7 +6,7 @@ these same checks then; its statistics are taken from the cache instead of decod
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +88,16 @@ def class_names(cfg) -> list[str]:
     if len(names) != label_nc:
         raise UserError(f"dataset.class_names: {len(names)} names given but dataset.label_nc is {label_nc}")
     return names
+
+
+def resolve_class(entry, names: Sequence[str], key: str, *, allow_background: bool = False) -> int:
+    """A class given by name (of `class_names`) or by index; background only with `allow_background`."""
+    low = 0 if allow_background else 1
+    if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool) and low <= entry < len(names):
+        return int(entry)
+    if isinstance(entry, str) and entry in names[low:]:
+        return list(names).index(entry)
+    raise UserError(f"{key}: {entry!r} is not a class of the data set ({', '.join(names[low:])}, or an index)")
 
 
 def _positive_triple(cfg, key: str, integer: bool) -> list:

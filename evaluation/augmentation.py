@@ -32,23 +32,19 @@ from __future__ import annotations
 
 import logging
 import re
-import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from scipy import ndimage
 from tqdm import tqdm
 
-from dataset.attributes import lesion_classes
 from dataset.cache import load_preprocessed
-from dataset.edit_labels import EditOptions, as_label_array, edit_label_file, edit_label_map
-from dataset.io import load_nifti
 from dataset.validate import class_names, validate_dataset
-from evaluation import figures
+from evaluation.augmentation_report import MEAN_KEY, console_lines, csv_rows, lesion_figure
+from evaluation.edited_maps import headline_class, make_edited_maps
 from evaluation.pairing import SYNTHETIC_STEM, list_nifti, nifti_stem, source_stem
 from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.segmentation import case_mean, list_synthetic, load_split, synthetic_volumes
@@ -65,9 +61,7 @@ ARMS = ("real", "real+syn", "real+edited", "real+generated")
 REFERENCE = "real"
 ALL = "all"
 MIN_SEEDS = 3
-MEAN_KEY = "mean_over_classes"
 EDITED_STEM = re.compile(r"^(?P<source>.+)_edit(?P<index>\d+)$")
-EDIT_OPS = ("insert", "move", "grow", "shrink")
 OUTPUTS = ("augmentation.json", "augmentation.csv", "augmentation.png")
 
 
@@ -159,132 +153,8 @@ def check_training_set(real_ids: Sequence[str], scans: Sequence[SyntheticScan], 
 
 
 # classes ------------------------------------------------------------------------------------------------------
-def resolve_class(entry, names: list[str], key: str, *, allow_background: bool = False) -> int:
-    """A class given by name (of dataset.class_names) or by index."""
-    low = 0 if allow_background else 1
-    if isinstance(entry, (int, np.integer)) and not isinstance(entry, bool) and low <= entry < len(names):
-        return int(entry)
-    if isinstance(entry, str) and entry in names[low:]:
-        return names.index(entry)
-    raise UserError(f"{key}: {entry!r} is not a class of the data set ({', '.join(names[low:])}, or an index)")
-
-
-def headline_class(cfg, names: list[str]) -> int:
-    """`lesion_class`, else the first of `dataset.lesion_classes`; with lesion classes it must be one of them
-    (the segmenter centres its class crops on them and selects its weights on their Dice)."""
-    classes = lesion_classes(cfg.dataset)
-    if cfg.lesion_class is None:
-        if not classes:
-            raise UserError("lesion_class: set it (a class name or index), or dataset.lesion_classes")
-        return next(iter(classes.values()))
-    lesion = resolve_class(cfg.lesion_class, names, "lesion_class")
-    if classes and lesion not in classes.values():
-        raise UserError(f"lesion_class: {names[lesion]} is not one of dataset.lesion_classes ({', '.join(classes)}),"
-                        " the classes the segmenter's crops and model selection favour; make it one")
-    return lesion
-
-
 def class_order(names: list[str], lesion: int) -> list[int]:
     return [lesion] + [c for c in range(1, len(names)) if c != lesion]
-
-
-# edited label maps --------------------------------------------------------------------------------------------
-def random_edit(labels: np.ndarray, affine: np.ndarray, lesion: int, *, rng: np.random.Generator, edit_cfg,
-                options: EditOptions, source: str):
-    """(op, dataset.edit_labels op, its arguments, options, result) of one random edit that changes the map and
-    passes the anatomical checks, within `edit.attempts` draws; None if none did. A map without a lesion can
-    only get an insert."""
-    ops = [str(op) for op in edit_cfg.ops]
-    if not (labels == lesion).any():
-        ops = [op for op in ops if op == "insert"]
-    if not ops:
-        return None
-    hosts = np.argwhere(np.isin(labels, list(options.host_classes)))
-    _, n_lesions = ndimage.label(labels == lesion, structure=np.ones((3, 3, 3)))
-    for _ in range(int(edit_cfg.attempts)):
-        op = ops[rng.integers(len(ops))]
-        edit_options = replace(options, component=int(rng.integers(max(n_lesions, 1))))
-        if op == "insert":
-            if not len(hosts):
-                return None
-            args = {"radius_mm": float(rng.uniform(*edit_cfg.radius_mm)),
-                    "center_vox": [int(v) for v in hosts[rng.integers(len(hosts))]], "shape": str(edit_cfg.shape),
-                    "seed": int(rng.integers(1 << 31))}
-        elif op == "move":
-            direction = rng.normal(size=3)
-            args = {"offset_mm": (direction / np.linalg.norm(direction) * rng.uniform(*edit_cfg.move_mm)).tolist()}
-        else:
-            args = {"factor": float(rng.uniform(*(edit_cfg.grow if op == "grow" else edit_cfg.shrink)))}
-        name = "scale" if op in ("grow", "shrink") else op
-        try:
-            result = edit_label_map(labels, affine, name, lesion, options=edit_options, source=source, **args)
-        except UserError:
-            continue
-        if result.changed_voxels:
-            return op, name, args, edit_options, result
-    return None
-
-
-def check_edit_settings(edit_cfg) -> None:
-    unknown = [op for op in edit_cfg.ops if op not in EDIT_OPS]
-    if unknown or not edit_cfg.ops:
-        raise UserError(f"edit.ops: {list(edit_cfg.ops)}: expected some of {', '.join(EDIT_OPS)}")
-    for key, low in (("radius_mm", 0.0), ("move_mm", 0.0), ("grow", 1.0), ("shrink", 0.0)):
-        values = [float(v) for v in edit_cfg[key]]
-        if len(values) != 2 or not low < values[0] <= values[1] or (key == "shrink" and values[1] >= 1.0):
-            raise UserError(f"edit.{key}={values}: expected [min, max] with {low:g} < min <= max"
-                            + (" < 1" if key == "shrink" else ""))
-    if int(edit_cfg.per_map) < 1 or int(edit_cfg.attempts) < 1:
-        raise UserError("edit.per_map and edit.attempts: expected positive integers")
-
-
-def make_edited_maps(cfg: DictConfig) -> dict:
-    """`edit.per_map` edited copies of every training label map in `edit.labels`, into `edit.out`."""
-    edit_cfg = cfg.edit
-    if edit_cfg.labels is None or edit_cfg.out is None:
-        raise UserError("edit.labels and edit.out: required with action=edit_maps (training label maps in, "
-                        "edited maps out)")
-    check_edit_settings(edit_cfg)
-    names = class_names(cfg.dataset)
-    lesion = headline_class(cfg, names)
-    options = EditOptions(
-        host_classes=[resolve_class(c, names, "edit.host_classes", allow_background=True)
-                      for c in edit_cfg.host_classes],
-        forbidden_classes=[resolve_class(c, names, "edit.forbidden_classes", allow_background=True)
-                           for c in edit_cfg.forbidden_classes],
-        min_inside_fraction=float(edit_cfg.min_inside_fraction), label_nc=len(names))
-    maps = list_nifti(edit_cfg.labels, "label map")
-    split = load_split(cfg, validate_dataset(cfg.dataset).cases)
-    not_train = [stem for stem in maps if stem not in set(split["train"])]
-    if not_train:
-        raise UserError(f"{edit_cfg.labels}: {', '.join(not_train[:3])} not training case(s) of the split; only "
-                        "training label maps are edited (python -m train.export_split split=train)")
-    out = Path(edit_cfg.out)
-    planned = {(stem, j): out / f"{stem}_edit{j}.nii.gz" for stem in maps for j in range(int(edit_cfg.per_map))}
-    for path in [*planned.values(), out / "edits.json"]:
-        check_writable(path, cfg.overwrite)
-    records, failed = [], []
-    for (stem, j), path in tqdm(planned.items(), desc="edited label maps", unit="map"):
-        labels, affine = load_nifti(maps[stem])
-        labels = as_label_array(labels, str(maps[stem]))
-        rng = np.random.default_rng([int(edit_cfg.seed), zlib.crc32(stem.encode()), j])
-        found = random_edit(labels, affine, lesion, rng=rng, edit_cfg=edit_cfg, options=options,
-                            source=str(maps[stem]))
-        if found is None:
-            failed.append(path.name)
-            continue
-        op, name, args, edit_options, _ = found
-        result = edit_label_file(maps[stem], path, name, lesion, overwrite=cfg.overwrite, options=edit_options,
-                                 **args)
-        component = {} if op == "insert" else {"component": edit_options.component}
-        records.append({"file": path.name, "source": stem, "op": op, **args, **component,
-                        "summary": result.summary()})
-    report = {"lesion_class": names[lesion], "edits": records, "failed": failed,
-              "settings": OmegaConf.to_container(edit_cfg, resolve=True)}
-    write_json(report, out / "edits.json", cfg.overwrite)
-    print(f"{len(records)} edited label map(s) in {out}" + (f"; no valid edit found for {len(failed)}: "
-                                                             f"{', '.join(failed[:3])}" if failed else ""))
-    return report
 
 
 # the study ----------------------------------------------------------------------------------------------------
@@ -506,86 +376,6 @@ def fidelity(scored: dict, test_ids: list[str], synthetic_sources: list[str], ke
         stats["synthetic"].pop("difference")
         out["dice_synthetic"][key] = stats["synthetic"]
     return out
-
-
-# outputs ------------------------------------------------------------------------------------------------------
-def csv_rows(report: dict, keys: list[str]) -> list[dict]:
-    rows = []
-    for regime, entry in report["regimes"].items():
-        for arm, stats in entry["arms"].items():
-            if stats.get("skipped"):
-                rows.append({"regime": regime, "n_real": entry["n_real"], "arm": arm, "skipped": stats["reason"]})
-                continue
-            for key in keys:
-                dice = stats["dice"][key]
-                difference = stats.get("difference", {}).get(key, {"mean": None, "ci": [None, None]})
-                rows.append({"regime": regime, "n_real": entry["n_real"], "arm": arm, "class": key,
-                             "dice": dice["mean"], "ci_low": dice["ci"][0], "ci_high": dice["ci"][1],
-                             "difference": difference["mean"], "difference_ci_low": difference["ci"][0],
-                             "difference_ci_high": difference["ci"][1], "n_cases": dice["n_cases"],
-                             "few_cases": dice["few_cases"]})
-    fid = report["fidelity"]
-    if not fid.get("skipped"):
-        for key in keys:
-            ratio = fid["ratio"][key]
-            rows.append({"regime": "fidelity", "n_real": report["settings"]["n_train"], "arm": "synthetic/real",
-                         "class": key, "dice": fid["dice_synthetic"][key]["mean"],
-                         "ci_low": fid["dice_synthetic"][key]["ci"][0], "ci_high": fid["dice_synthetic"][key]["ci"][1],
-                         "ratio": ratio["value"], "ratio_ci_low": ratio["ci"][0], "ratio_ci_high": ratio["ci"][1],
-                         "n_cases": ratio["n_cases"], "few_cases": ratio["few_cases"]})
-    return rows
-
-
-def lesion_figure(report: dict, lesion: str, path: Path, overwrite: bool) -> Path:
-    """Lesion Dice vs the number of real training cases, one line per arm, with the 95 % intervals."""
-    plt = figures.plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
-    arms = [str(a) for a in report["settings"]["arms"]]
-    regimes = list(report["regimes"].values())
-    for index, arm in enumerate(arms):
-        points = [(r["n_real"], r["arms"][arm]["dice"][lesion]) for r in regimes
-                  if not r["arms"][arm].get("skipped") and "dice" in r["arms"][arm]]
-        if not points:
-            continue
-        x = np.array([p[0] for p in points], dtype=np.float64) * (1.0 + 0.03 * (index - (len(arms) - 1) / 2))
-        y = np.array([p[1]["mean"] for p in points], dtype=np.float64)
-        ci = np.array([p[1]["ci"] for p in points], dtype=np.float64)
-        ax.errorbar(x, y, yerr=np.abs(np.stack([y - ci[:, 0], ci[:, 1] - y])), marker="o", capsize=3, label=arm)
-    ticks = sorted({r["n_real"] for r in regimes})
-    ax.set_xscale("log")
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("real training cases")
-    ax.set_ylabel(f"{lesion} Dice (real test cases)")
-    flag = (f", fewer than {report['settings']['bootstrap']['min_cases']}: intervals unreliable"
-            if report["few_cases"] else "")
-    ax.set_title(f"{report['n_cases']} test cases, {len(report['settings']['seeds'])} seeds, "
-                 f"{report['settings']['bootstrap']['confidence']:.0%} intervals{flag}", fontsize=9)
-    ax.legend(fontsize=8)
-    return figures._save(fig, path, overwrite)
-
-
-def console_lines(report: dict, lesion: str) -> dict:
-    lines = {}
-    for regime, entry in report["regimes"].items():
-        for arm, stats in entry["arms"].items():
-            label = f"{regime} ({entry['n_real']} real) {arm}"
-            if stats.get("skipped"):
-                lines[label] = stats
-                continue
-            dice = stats["dice"][lesion]
-            text = f"{lesion} Dice {dice['mean']:.3f} [{dice['ci'][0]:.3f}, {dice['ci'][1]:.3f}]"
-            if "difference" in stats:
-                d = stats["difference"][lesion]
-                text += f", difference {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-            lines[label] = {"value": text}
-    fid = report["fidelity"]
-    lines["fidelity"] = fid if fid.get("skipped") else {
-        "value": f"ratio synthetic/real {lesion} {fid['ratio'][lesion]['value']:.3f}, "
-                 f"all classes {fid['ratio'][MEAN_KEY]['value']:.3f}"}
-    if report["few_cases"]:
-        lines["warning"] = {"value": f"only {report['n_cases']} test cases: intervals are flagged few_cases"}
-    return lines
 
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="augmentation")

@@ -42,6 +42,7 @@ from dataset.attributes import body_box, components, lesion_classes, measure, re
 from dataset.geometry import to_model_grid, voxel_spacing
 from dataset.io import load_nifti
 from dataset.validate import class_names as dataset_class_names
+from dataset.validate import resolve_class
 from evaluation import figures
 from evaluation.memorization import leave_one_out, nearest
 from evaluation.metrics import dice_per_class, mean_dice
@@ -171,14 +172,7 @@ def host_classes_of(cfg: DictConfig, real_hosts: dict[str, np.ndarray], names: l
     """Host classes per lesion class: `host_classes` (names or indices), else those hosting at least
     `host_min_share` of the training maps' lesion voxels."""
     if cfg.host_classes is not None:
-        chosen = []
-        for entry in cfg.host_classes:
-            if isinstance(entry, int) and not isinstance(entry, bool) and 0 <= entry < len(names):
-                chosen.append(int(entry))
-            elif isinstance(entry, str) and entry in names:
-                chosen.append(names.index(entry))
-            else:
-                raise UserError(f"host_classes: {entry!r} is not a class of the data set ({', '.join(names)})")
+        chosen = [resolve_class(entry, names, "host_classes", allow_background=True) for entry in cfg.host_classes]
         return {name: chosen for name in real_hosts}
     share = float(cfg.host_min_share)
     if not 0 < share <= 1:

@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import evaluation.augmentation as augmentation
+import evaluation.edited_maps as edited_maps
 from dataset.io import load_nifti, save_nifti
 from dataset.phantoms import class_intensity, write_phantom_dataset
 from dataset.split import make_split
@@ -21,11 +22,11 @@ from evaluation.augmentation import (
     SyntheticScan,
     check_training_set,
     for_regime,
-    headline_class,
     match_scans,
     regime_subsets,
     training_pool,
 )
+from evaluation.edited_maps import headline_class
 from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 
@@ -142,11 +143,11 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
         edit_cfg = compose("augmentation", overrides=base + ["action=edit_maps"] + edit)
     shutil.copy(data / "labels" / f"{split['test'][0]}.nii.gz", folders["train_labels"])
     with pytest.raises(UserError, match="not training case"):
-        augmentation.make_edited_maps(edit_cfg)
+        edited_maps.make_edited_maps(edit_cfg)
     (folders["train_labels"] / f"{split['test'][0]}.nii.gz").unlink()
-    edits = augmentation.make_edited_maps(edit_cfg)
+    edits = edited_maps.make_edited_maps(edit_cfg)
     assert sorted(r["source"] for r in edits["edits"]) == sorted(split["train"]) and not edits["failed"]
-    assert {r["op"] for r in edits["edits"]} <= set(augmentation.EDIT_OPS)
+    assert {r["op"] for r in edits["edits"]} <= set(edited_maps.EDIT_OPS)
     for record in edits["edits"]:
         edited, affine = load_nifti(folders["edited"] / record["file"])
         original, _ = load_nifti(data / "labels" / f"{record['source']}.nii.gz")
