@@ -15,7 +15,7 @@ from ddpm.samplers import SamplerSettings
 from ddpm_tiny import save_tiny_vqgan, tiny_vqgan
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from train.common import run_training
-from train.lit_labels import LitLabels
+from train.lit_labels import LitLabels, autoencoder_crop, random_crops
 from train.train_labels import build_datamodule
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
@@ -183,3 +183,19 @@ def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root
     sample = model.sample(model.standardise(attribute_vector(meta["attribute_table"][0], ["class_2"])[None]),
                           meta["volume_shape"], settings=SamplerSettings("ddim", 2, 0.0))
     assert sample.shape == (1, 24, 24, 16) and 0 <= int(sample.min()) and int(sample.max()) < 3
+
+
+def test_autoencoder_crops_are_blocks_of_each_map():
+    torch.manual_seed(0)
+    label = torch.arange(2 * 12 * 8 * 8).view(2, 1, 12, 8, 8)
+    crops = random_crops(label, [4, 8, 4])
+    assert crops.shape == (2, 1, 4, 8, 4)
+    for i in range(2):  # each crop is the contiguous block of its own map at some offset
+        first = int(crops[i, 0, 0, 0, 0]) - i * 12 * 8 * 8
+        x, y, z = first // 64, (first // 8) % 8, first % 8
+        assert y == 0 and torch.equal(crops[i], label[i, :, x:x + 4, :, z:z + 4])
+    starts = {int(random_crops(label, [4, 8, 4])[0, 0, 0, 0, 0]) // 64 for _ in range(50)}
+    assert starts == set(range(9))  # every start along x drawn (12 - 4 + 1 positions)
+    assert autoencoder_crop(None, [4, 4, 4]) is None and autoencoder_crop([8, 8, 4], [4, 4, 4]) == [8, 8, 4]
+    with pytest.raises(UserError, match=r"model.autoencoder_crop=\[8, 6, 4\].*divisible by \[4, 4, 4\]"):
+        autoencoder_crop([8, 6, 4], [4, 4, 4])

@@ -4,8 +4,10 @@ One run, two phases on whole label maps padded with background to `volume_shape`
 steps the autoencoder learns to reconstruct the maps (cross-entropy + soft Dice); from then on it is frozen, every
 training map is encoded once (the latent scale factor is set from these latents on a fresh run) and the UNet learns
 to denoise the latents conditioned on the maps' lesion attributes until `trainer.max_steps`. One AdamW optimiser
-holds both networks as two parameter groups: a step only moves the network whose loss it computed. The attributes
-of every training and validation map are measured at the start of fitting (`dataset.attributes`, on the model
+holds both networks as two parameter groups: a step only moves the network whose loss it computed. The
+autoencoder may train on random crops of the padded maps (`model.autoencoder_crop`, as stage 1 trains on crops of
+the scans: it is convolutional, and the diffusion phase encodes whole maps). The attributes of every training and
+validation map are measured at the start of fitting (`dataset.attributes`, on the model
 grid); the training ones set the standardisation and are stored in the checkpoint, where sampling draws unset
 attributes from them. `dataset.augment` reaches the autoencoder phase only (the diffusion phase reads the latents
 of the unaugmented maps).
@@ -51,6 +53,26 @@ def build_generator(cfg: DictConfig) -> tuple[LabelGenerator, dict[str, int]]:
     return model, lesions
 
 
+def autoencoder_crop(size, multiple) -> list[int] | None:
+    """`model.autoencoder_crop`: None (whole maps) or three sizes divisible by the autoencoder's factor."""
+    if size is None:
+        return None
+    crop = [int(s) for s in size]
+    if len(crop) != 3 or any(c < 1 or c % int(f) for c, f in zip(crop, multiple)):
+        raise UserError(f"model.autoencoder_crop={list(size)}: need three positive sizes divisible by "
+                        f"{[int(f) for f in multiple]} (the autoencoder's down-sampling), or null for whole maps")
+    return crop
+
+
+def random_crops(label: torch.Tensor, size) -> torch.Tensor:
+    """One crop of `size` per map of the batch (B, 1, X, Y, Z) at a uniformly drawn position (torch's global
+    generator, seeded by the run); a side shorter than the crop is kept whole."""
+    starts = [[int(torch.randint(0, max(n - c, 0) + 1, ())) for n, c in zip(label.shape[2:], size)]
+              for _ in range(label.shape[0])]
+    return torch.stack([label[i, :, x:x + size[0], y:y + size[1], z:z + size[2]]
+                        for i, (x, y, z) in enumerate(starts)])
+
+
 class LitLabels(pl.LightningModule):
     monitor = "val/loss"
 
@@ -62,6 +84,7 @@ class LitLabels(pl.LightningModule):
         if self.autoencoder_steps < 1:
             raise UserError(f"model.autoencoder_steps: need at least 1, got {self.autoencoder_steps}")
         self.autoencoder_lr, self.lr, self.weight_decay = float(m.autoencoder_lr), float(m.lr), float(m.weight_decay)
+        self.autoencoder_crop = autoencoder_crop(m.autoencoder_crop, self.model.autoencoder.downsample)
         val = m.validation
         try:
             self.val_sampler = SamplerSettings(str(val.sampler), int(val.steps), 0.0)
@@ -127,7 +150,9 @@ class LitLabels(pl.LightningModule):
         size = batch["label"].shape[0]
         self._diffusion_step = self.global_step >= self.autoencoder_steps
         if not self._diffusion_step:
-            loss, stats = self.model.autoencoder_loss(batch["label"])
+            label = batch["label"] if self.autoencoder_crop is None else random_crops(batch["label"],
+                                                                                     self.autoencoder_crop)
+            loss, stats = self.model.autoencoder_loss(label)
             self.log("train/ae_loss", loss, prog_bar=True, batch_size=size)
             self.log_dict({f"train/ae_{k}": v for k, v in stats.items()}, batch_size=size)
             return loss
