@@ -262,7 +262,6 @@ def run(cfg: DictConfig) -> dict:
     test_synthetic = {"test": [], "ignored": []} if cfg.synthetic.test is None else synthetic_volumes(
         cfg.synthetic.test, store.cases_by_id, {c: store.preprocessed(c) for c in test_ids}, split, cfg.dataset)
     test_sources = [source_stem(nifti_stem(volume.name), test_ids) for volume in test_synthetic["test"]]
-    seeds = [int(s) for s in cfg.seeds]
 
     regimes, fidelity_scores = {}, {"real": [], "synthetic": []}
     for regime, real_ids in subsets.items():
@@ -276,40 +275,17 @@ def run(cfg: DictConfig) -> dict:
                 entries[arm] = skipped(f"no {arm} scans come from the {len(real_ids)} real cases of this regime")
                 continue
             check_training_set(real_ids, scans, test_ids)
-            real_volumes = [store.case(c) for c in real_ids]
-            synthetic_train = [store.scan(s) for s in scans]
-            per_seed, training = [], []
-            for seed in tqdm(seeds, desc=f"regime {regime}: {arm}", unit="seed"):
-                model = train_segmenter(real_volumes, val_real, cfg, seed, synthetic=synthetic_train,
-                                        synthetic_per_real=float(cfg.synthetic_per_real), device=device)
-                training.append({"seed": seed, "steps": model.steps, "best_step": model.best_step,
-                                 "seconds": model.seconds})
-                per_seed.append(scores(evaluate_dice(model, test_real), keys))
-                if regime == ALL and arm == REFERENCE and test_synthetic["test"]:
-                    fidelity_scores["real"].append(per_seed[-1])
-                    fidelity_scores["synthetic"].append(scores(evaluate_dice(model, test_synthetic["test"]), keys))
-            arms_scores[arm] = per_seed
-            entries[arm] = {"n_real": len(real_ids), "n_synthetic": len(scans),
-                            "synthetic_sources": len({s.source for s in scans}), "seeds": seeds,
-                            "training": training}
+            fidelity_test = test_synthetic["test"] if regime == ALL and arm == REFERENCE else []
+            arms_scores[arm], entries[arm] = train_arm(
+                cfg, f"regime {regime}: {arm}", [store.case(c) for c in real_ids], [store.scan(s) for s in scans],
+                val_real, test_real, keys, device, fidelity_test, fidelity_scores)
+            entries[arm]["synthetic_sources"] = len({s.source for s in scans})
         add_statistics(entries, arms_scores, keys, cfg.bootstrap)
         regimes[regime] = {"n_real": len(real_ids), "cases": real_ids, "arms": entries}
 
     report = {
-        "settings": {
-            "dataset": str(cfg.dataset.name), "n_train": len(split["train"]), "n_val": len(split["val"]),
-            "n_test": len(test_ids), "headline_class": lesion, "classes": keys, "regimes": list(subsets),
-            "arms": [str(a) for a in cfg.arms], "seeds": seeds, "subset_seed": int(cfg.subset_seed),
-            "synthetic_per_real": float(cfg.synthetic_per_real),
-            "segmenter": asdict(segmenter_settings), "device": str(device),
-            "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),
-            "dice": "per class on the real test cases, background excluded; mean over seeds within a case, then "
-                    f"over cases; {MEAN_KEY}: per case the mean over the classes present",
-            "ci": "paired percentile bootstrap over test cases (seeds averaged within each drawn case)",
-            "split": "patient-level; the test split trains nothing",
-            "validation": validation_note(split["val"]),
-            "synthetic_test_ignored": test_synthetic["ignored"],
-        },
+        "settings": study_settings(cfg, split, keys, list(subsets), segmenter_settings, device,
+                                   test_synthetic["ignored"]),
         "n_cases": len(test_ids),
         "few_cases": len(test_ids) < int(cfg.bootstrap.min_cases),
         "regimes": regimes,
@@ -320,6 +296,44 @@ def run(cfg: DictConfig) -> dict:
     lesion_figure(report, lesion, out / "augmentation.png", cfg.overwrite)
     print_summary(f"augmentation -> {out}", console_lines(report, lesion))
     return report
+
+
+def train_arm(cfg, what: str, real: list[Volume], synthetic: list[Volume], val_real: list[Volume],
+              test_real: list[Volume], keys: list[str], device, fidelity_test: list[Volume],
+              fidelity_scores: dict[str, list]) -> tuple[list[dict], dict]:
+    """One segmenter per seed on `real` (+ `synthetic`) scans, scored on the real test cases: the per-seed
+    scores and the arm's entry. With `fidelity_test` (the all-real reference) each segmenter also scores the
+    synthetic scans of the test label maps, appended to `fidelity_scores`."""
+    seeds = [int(s) for s in cfg.seeds]
+    per_seed, training = [], []
+    for seed in tqdm(seeds, desc=what, unit="seed"):
+        model = train_segmenter(real, val_real, cfg, seed, synthetic=synthetic,
+                                synthetic_per_real=float(cfg.synthetic_per_real), device=device)
+        training.append({"seed": seed, "steps": model.steps, "best_step": model.best_step, "seconds": model.seconds})
+        per_seed.append(scores(evaluate_dice(model, test_real), keys))
+        if fidelity_test:
+            fidelity_scores["real"].append(per_seed[-1])
+            fidelity_scores["synthetic"].append(scores(evaluate_dice(model, fidelity_test), keys))
+    return per_seed, {"n_real": len(real), "n_synthetic": len(synthetic), "seeds": seeds, "training": training}
+
+
+def study_settings(cfg, split: dict[str, list[str]], keys: list[str], regimes: list[str], segmenter_settings,
+                   device, synthetic_test_ignored: list) -> dict:
+    """The `settings` block of augmentation.json: what was run, and how the figures are defined."""
+    return {
+        "dataset": str(cfg.dataset.name), "n_train": len(split["train"]), "n_val": len(split["val"]),
+        "n_test": len(split["test"]), "headline_class": keys[0], "classes": keys, "regimes": regimes,
+        "arms": [str(a) for a in cfg.arms], "seeds": [int(s) for s in cfg.seeds], "subset_seed": int(cfg.subset_seed),
+        "synthetic_per_real": float(cfg.synthetic_per_real),
+        "segmenter": asdict(segmenter_settings), "device": str(device),
+        "bootstrap": OmegaConf.to_container(cfg.bootstrap, resolve=True),
+        "dice": "per class on the real test cases, background excluded; mean over seeds within a case, then "
+                f"over cases; {MEAN_KEY}: per case the mean over the classes present",
+        "ci": "paired percentile bootstrap over test cases (seeds averaged within each drawn case)",
+        "split": "patient-level; the test split trains nothing",
+        "validation": validation_note(split["val"]),
+        "synthetic_test_ignored": synthetic_test_ignored,
+    }
 
 
 def validation_note(val_ids: list[str]) -> dict:
