@@ -289,6 +289,22 @@ def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[
 
 
 # the CLI -----------------------------------------------------------------------------------------------------
+def per_case_rows(fake_stems: list[str], fake_maps: list[dict], nearest: list[str], best: np.ndarray,
+                  flagged: list[str], names: list[str]) -> list[dict]:
+    """per_case.csv: per generated map its nearest training map and Dice, and per class its components, holes,
+    speckle and volume."""
+    rows = []
+    for i, (stem, item) in enumerate(zip(fake_stems, fake_maps)):
+        row = {"fake": stem, "nearest_train": nearest[i], "nearest_dice": float(best[i]),
+               "flagged_copy": stem in flagged}
+        for cls in range(1, len(names)):
+            row.update({f"{names[cls]}_{key}": item["per_class"][cls][key]
+                        for key in ("components", "holes", "speckle")})
+            row[f"{names[cls]}_volume_ml"] = float(item["volumes_ml"][cls])
+        rows.append(row)
+    return rows
+
+
 def run(cfg: DictConfig) -> dict:
     out = Path(str(cfg.out))
     outputs = {"json": out / "labelmaps.json", "csv": out / "per_case.csv",
@@ -349,25 +365,19 @@ def run(cfg: DictConfig) -> dict:
                            "speckle_voxels": speckle_voxels, "grid_spacing_mm": spacing,
                            "connectivity": "components 26-connected; holes 6-connected; adjacency face pairs"},
               "results": results}
-    rows = []
-    for i, (stem, item) in enumerate(zip(fake_stems, fake_maps)):
-        row = {"fake": stem, "nearest_train": real_stems[index[i]], "nearest_dice": float(best[i]),
-               "flagged_copy": stem in flagged}
-        for cls in range(1, label_nc):
-            row.update({f"{names[cls]}_{key}": item["per_class"][cls][key]
-                        for key in ("components", "holes", "speckle")})
-            row[f"{names[cls]}_volume_ml"] = float(item["volumes_ml"][cls])
-        rows.append(row)
+    nearest = [real_stems[i] for i in index]
     write_json(report, outputs["json"], bool(cfg.overwrite))
-    write_csv(rows, outputs["csv"], bool(cfg.overwrite))
+    write_csv(per_case_rows(fake_stems, fake_maps, nearest, best, flagged, names), outputs["csv"],
+              bool(cfg.overwrite))
+    overwrite = bool(cfg.overwrite)
     figures.class_histograms({c: real_volumes[:, c] for c in range(1, label_nc)},
                              {c: fake_volumes[:, c] for c in range(1, label_nc)}, bins=int(cfg.histogram_bins),
-                             unit="mL", path=outputs["volumes"], overwrite=bool(cfg.overwrite), class_names=names,
+                             unit="mL", path=outputs["volumes"], overwrite=overwrite, class_names=names,
                              title="Volume per label class: training vs generated maps")
     figures.adjacency_matrices({"training": real_summary["adjacency"], "generated": fake_summary["adjacency"]},
-                               names, path=outputs["adjacency"], overwrite=bool(cfg.overwrite))
+                               names, path=outputs["adjacency"], overwrite=overwrite)
     figures.nearest_neighbour_histogram(best, reference, threshold=threshold, xlabel="mean foreground Dice",
-                                        path=outputs["novelty"], overwrite=bool(cfg.overwrite))
+                                        path=outputs["novelty"], overwrite=overwrite)
     print_summary(f"label maps: {len(fake)} generated vs {len(real)} training -> {out}", {
         "adjacency L1 (0..2)": {"value": results["plausibility"]["adjacency_l1"]},
         "mean KS of class volumes": {"value": results["distribution"]["mean_ks_statistic"]},
