@@ -99,14 +99,23 @@ def nnunet_dataset_json(dataset: Mapping, n: int) -> dict:
             "numTraining": n, "file_ending": ".nii.gz"}
 
 
-def run(cfg: DictConfig) -> list[str]:
-    """Generate the pairs of `cfg`; returns their case ids."""
+def check_run_settings(cfg: DictConfig) -> tuple[int, str]:
+    """`n` and `layout`, checked with the samplers' guidance scales before anything loads."""
     n = cfg.n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise UserError(f"n={n}: must be a whole number of pairs >= 1")
     layout = str(cfg.layout)
     if layout not in LAYOUT_FOLDERS:
         raise UserError(f"layout={layout}: must be one of {', '.join(LAYOUT_FOLDERS)}")
+    for key in ("label_sampler", "image_sampler"):
+        if float(cfg[key].guidance_scale) < 0:
+            raise UserError(f"{key}.guidance_scale={cfg[key].guidance_scale}: must be >= 0")
+    return n, layout
+
+
+def run(cfg: DictConfig) -> list[str]:
+    """Generate the pairs of `cfg`; returns their case ids."""
+    n, layout = check_run_settings(cfg)
     overwrite = bool(cfg.overwrite)
     device = resolve_device(str(cfg.device))
     generator, meta = load_label_generator(cfg.labels_ckpt, map_location=device)
@@ -118,9 +127,6 @@ def run(cfg: DictConfig) -> list[str]:
                         sides=(f"the label generator {cfg.labels_ckpt}", "the stage-2 checkpoint"))
     label_settings = sampler_settings(cfg.label_sampler, generator.schedule.timesteps)
     image_settings = sampler_settings(cfg.image_sampler, model.schedule.timesteps)
-    for key in ("label_sampler", "image_sampler"):
-        if float(cfg[key].guidance_scale) < 0:
-            raise UserError(f"{key}.guidance_scale={cfg[key].guidance_scale}: must be >= 0")
     draws = [draw_attributes(requested, meta["attribute_table"], lesion_names,
                              np.random.default_rng(stream_seeds(cfg.seed, index)[0]))
              for requested in requests for index in range(n)]
