@@ -289,6 +289,19 @@ def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[
 
 
 # the CLI -----------------------------------------------------------------------------------------------------
+def input_files(cfg: DictConfig) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The training maps (`real`, or the data set's training split) and the generated ones (`fake`), by stem:
+    not the same data, and at least two training maps (the novelty reference needs each one's nearest other)."""
+    fake_paths = label_folder(cfg.fake, "fake")
+    real_files = real_paths(cfg)
+    if cfg.real is not None:
+        refuse_same_data(cfg.real, cfg.fake, real_files, fake_paths)
+    if len(real_files) < 2:
+        raise UserError(f"{cfg.real or 'dataset'}: need at least two training label maps (the novelty reference "
+                        f"is each one's nearest other one)")
+    return real_files, fake_paths
+
+
 def per_case_rows(fake_stems: list[str], fake_maps: list[dict], nearest: list[str], best: np.ndarray,
                   flagged: list[str], names: list[str]) -> list[dict]:
     """per_case.csv: per generated map its nearest training map and Dice, and per class its components, holes,
@@ -318,13 +331,7 @@ def run(cfg: DictConfig) -> dict:
     names = dataset_class_names(cfg.dataset)
     label_nc = len(names)
     lesions = lesion_classes(cfg.dataset)
-    fake_paths = label_folder(cfg.fake, "fake")
-    real_files = real_paths(cfg)
-    if cfg.real is not None:
-        refuse_same_data(cfg.real, cfg.fake, real_files, fake_paths)
-    if len(real_files) < 2:
-        raise UserError(f"{cfg.real or 'dataset'}: need at least two training label maps (the novelty reference "
-                        f"is each one's nearest other one)")
+    real_files, fake_paths = input_files(cfg)
     requests = None if cfg.requested is None else read_requested_csv(cfg.requested, list(lesions))
     real = [load_map(p, label_nc) for p in tqdm(real_files.values(), desc="training maps", unit="map")]
     fake = [load_map(p, label_nc) for p in tqdm(fake_paths.values(), desc="generated maps", unit="map")]
