@@ -323,8 +323,9 @@ def run(cfg: DictConfig) -> dict:
     outputs = {"json": out / "labelmaps.json", "csv": out / "per_case.csv",
                "volumes": out / "figures" / "volume_histograms.png", "adjacency": out / "figures" / "adjacency.png",
                "novelty": out / "figures" / "nearest_dice.png"}
+    overwrite = bool(cfg.overwrite)
     for path in outputs.values():
-        check_writable(path, bool(cfg.overwrite))
+        check_writable(path, overwrite)
     speckle_voxels = int(cfg.speckle_voxels)
     if speckle_voxels < 1:
         raise UserError(f"speckle_voxels={cfg.speckle_voxels}: must be at least 1")
@@ -373,10 +374,8 @@ def run(cfg: DictConfig) -> dict:
                            "connectivity": "components 26-connected; holes 6-connected; adjacency face pairs"},
               "results": results}
     nearest = [real_stems[i] for i in index]
-    write_json(report, outputs["json"], bool(cfg.overwrite))
-    write_csv(per_case_rows(fake_stems, fake_maps, nearest, best, flagged, names), outputs["csv"],
-              bool(cfg.overwrite))
-    overwrite = bool(cfg.overwrite)
+    write_json(report, outputs["json"], overwrite)
+    write_csv(per_case_rows(fake_stems, fake_maps, nearest, best, flagged, names), outputs["csv"], overwrite)
     figures.class_histograms({c: real_volumes[:, c] for c in range(1, label_nc)},
                              {c: fake_volumes[:, c] for c in range(1, label_nc)}, bins=int(cfg.histogram_bins),
                              unit="mL", path=outputs["volumes"], overwrite=overwrite, class_names=names,

@@ -177,18 +177,18 @@ def run(cfg: DictConfig) -> dict:
     if reuse:
         results["training"]["reused"] = str(cfg.segmenter_weights)
     if synthetic["test"]:
-        rows += score_against_real(model, synthetic["test"], "synthetic", int(cfg.seed), results,
-                                   ("dice_synthetic_test", "dice_ratio_synthetic_over_real"),
-                                   "mean Dice on synthetic volumes / mean Dice on the real volumes of the same "
-                                   "test label maps")
+        results["dice_synthetic_test"], results["dice_ratio_synthetic_over_real"], scored = score_against_real(
+            model, synthetic["test"], "synthetic", int(cfg.seed), results["dice_real_test"],
+            "mean Dice on synthetic volumes / mean Dice on the real volumes of the same test label maps")
+        rows += scored
     else:
         results["dice_synthetic_test"] = skipped(
             "no synthetic volumes of test cases; pass synthetic=DIR holding <test case>_syn<k>.nii.gz")
     if generated:
-        rows += score_against_real(model, generated, "generated", int(cfg.seed), results,
-                                   ("dice_generated", "dice_ratio_generated_over_real"),
-                                   "mean Dice on generated pairs (against their own maps) / mean Dice on the real "
-                                   "test cases")
+        results["dice_generated"], results["dice_ratio_generated_over_real"], scored = score_against_real(
+            model, generated, "generated", int(cfg.seed), results["dice_real_test"],
+            "mean Dice on generated pairs (against their own maps) / mean Dice on the real test cases")
+        rows += scored
 
     settings = model.settings
     report = {
@@ -210,14 +210,13 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-def score_against_real(model, volumes: list[Volume], source: str, seed: int, results: dict, keys: tuple[str, str],
-                       meaning: str) -> list[dict]:
-    """Dice of `volumes` (against their own maps) into `results[keys[0]]`, its ratio to the real test Dice into
-    `results[keys[1]]`; returns the per-case rows."""
+def score_against_real(model, volumes: list[Volume], source: str, seed: int, real_dice: dict,
+                       meaning: str) -> tuple[dict, dict, list[dict]]:
+    """Dice of `volumes` against their own maps, its ratio to the real test Dice `real_dice`, and the per-case
+    rows."""
     per_case = evaluate_dice(model, volumes)
-    results[keys[0]] = summarise_dice(per_case)
-    results[keys[1]] = ratios(results[keys[0]], results["dice_real_test"], meaning)
-    return case_rows("fidelity", source, seed, per_case)
+    summary = summarise_dice(per_case)
+    return summary, ratios(summary, real_dice, meaning), case_rows("fidelity", source, seed, per_case)
 
 
 def case_rows(experiment: str, source: str, seed: int, per_case: dict) -> list[dict]:
