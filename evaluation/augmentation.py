@@ -27,6 +27,8 @@ the segmenter's crops and model selection favour. Mask fidelity: the all-real se
 of the test label maps (`synthetic.test`, as `evaluation.segmentation` pairs them) vs the real test scans, ratio
 synthetic / real per class.
 Writes `augmentation.json`, `augmentation.csv` and `augmentation.png` (lesion Dice vs number of real cases).
+`action=merge reports=[A/augmentation.json,B/augmentation.json] out=DIR` joins studies of the same settings run
+one regime (or a few) at a time, e.g. one Slurm job per regime.
 """
 from __future__ import annotations
 
@@ -43,10 +45,10 @@ from tqdm import tqdm
 
 from dataset.cache import load_preprocessed
 from dataset.validate import class_names, validate_dataset
-from evaluation.augmentation_report import MEAN_KEY, console_lines, csv_rows, lesion_figure
+from evaluation.augmentation_report import MEAN_KEY, OUTPUTS, merge_reports, write_outputs
 from evaluation.edited_maps import headline_class, make_edited_maps
 from evaluation.pairing import SYNTHETIC_STEM, list_nifti, nifti_stem, source_stem
-from evaluation.report import print_summary, skipped, write_csv, write_json
+from evaluation.report import skipped
 from evaluation.segmentation import case_mean, list_synthetic, load_split, synthetic_volumes
 from evaluation.segmenter import (Volume, evaluate_dice, preprocess_pair, preprocess_synthetic, settings_from,
                                   train_segmenter)
@@ -62,7 +64,6 @@ REFERENCE = "real"
 ALL = "all"
 MIN_SEEDS = 3
 EDITED_STEM = re.compile(r"^(?P<source>.+)_edit(?P<index>\d+)$")
-OUTPUTS = ("augmentation.json", "augmentation.csv", "augmentation.png")
 
 
 # case selection (pure functions of case ids and file names) -------------------------------------------------
@@ -291,10 +292,19 @@ def run(cfg: DictConfig) -> dict:
         "regimes": regimes,
         "fidelity": fidelity(fidelity_scores, test_ids, test_sources, keys, cfg),
     }
-    write_json(report, out / "augmentation.json", cfg.overwrite)
-    write_csv(csv_rows(report, keys), out / "augmentation.csv", cfg.overwrite)
-    lesion_figure(report, lesion, out / "augmentation.png", cfg.overwrite)
-    print_summary(f"augmentation -> {out}", console_lines(report, lesion))
+    write_outputs(report, out, cfg.overwrite)
+    return report
+
+
+def merge(cfg: DictConfig) -> dict:
+    """action=merge: one augmentation.json / .csv / .png from studies run a regime (or a few) at a time."""
+    if not cfg.reports:
+        raise UserError("action=merge: set reports=[A/augmentation.json,B/augmentation.json,...]")
+    out = Path(cfg.out)
+    for name in OUTPUTS:
+        check_writable(out / name, cfg.overwrite)
+    report = merge_reports(list(cfg.reports))
+    write_outputs(report, out, cfg.overwrite)
     return report
 
 
@@ -399,8 +409,10 @@ def main(cfg: DictConfig) -> None:
         make_edited_maps(cfg)
     elif cfg.action == "study":
         run(cfg)
+    elif cfg.action == "merge":
+        merge(cfg)
     else:
-        raise UserError(f"action={cfg.action}: expected study or edit_maps")
+        raise UserError(f"action={cfg.action}: expected study, edit_maps or merge")
 
 
 if __name__ == "__main__":

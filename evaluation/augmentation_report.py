@@ -1,14 +1,70 @@
-"""What `evaluation.augmentation` writes besides its JSON: the CSV rows, the figure (lesion Dice vs the number of
-real training cases, one line per arm) and the console summary."""
+"""What `evaluation.augmentation` writes: the JSON, the CSV rows, the figure (lesion Dice vs the number of real
+training cases, one line per arm) and the console summary; and the merge of studies run one regime (or a few) at a
+time, e.g. one Slurm job per regime (`action=merge reports=[A/augmentation.json,B/augmentation.json]`)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from evaluation import figures
+from evaluation.report import print_summary, write_csv, write_json
+from utils.errors import UserError
 
 MEAN_KEY = "mean_over_classes"  # per test case the mean Dice over the classes present
+OUTPUTS = ("augmentation.json", "augmentation.csv", "augmentation.png")
+MAY_DIFFER = ("regimes", "device")  # settings that may differ between the studies of one merge
+
+
+def write_outputs(report: dict, out: Path, overwrite: bool) -> None:
+    """augmentation.json, .csv and .png into `out`, and the console summary."""
+    keys, lesion = report["settings"]["classes"], report["settings"]["headline_class"]
+    write_json(report, out / OUTPUTS[0], overwrite)
+    write_csv(csv_rows(report, keys), out / OUTPUTS[1], overwrite)
+    lesion_figure(report, lesion, out / OUTPUTS[2], overwrite)
+    print_summary(f"augmentation -> {out}", console_lines(report, lesion))
+
+
+def read_report(path: Path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read an augmentation.json ({error})") from None
+    if not isinstance(report, dict) or not {"settings", "regimes", "fidelity", "n_cases"} <= set(report):
+        raise UserError(f"{path}: not an augmentation.json of evaluation.augmentation (settings, regimes missing)")
+    return report
+
+
+def merge_reports(paths: list) -> dict:
+    """One report from studies of the same settings (data set, split, classes, arms, seeds, segmenter,
+    bootstrap) and disjoint regimes: the regimes ordered by their number of real cases, the mask fidelity from
+    the one study that has it (the `all` regime's)."""
+    if len(paths) < 2:
+        raise UserError(f"reports: give at least two augmentation.json files to merge, got {len(paths)}")
+    reports = [(str(path), read_report(Path(path))) for path in paths]
+    first_path, first = reports[0]
+    regimes, origin, fidelity, devices = {}, {}, [], []
+    for path, report in reports:
+        settings = report["settings"]
+        for key in sorted((set(first["settings"]) | set(settings)) - set(MAY_DIFFER)):
+            if settings.get(key) != first["settings"].get(key):
+                raise UserError(f"{path}: settings.{key} is {settings.get(key)!r} but {first_path} has "
+                                f"{first['settings'].get(key)!r}; only studies of the same settings merge")
+        for regime, entry in report["regimes"].items():
+            if regime in regimes:
+                raise UserError(f"{path}: regime {regime} is also in {origin[regime]}; merge disjoint regimes")
+            regimes[regime], origin[regime] = entry, path
+        if not report["fidelity"].get("skipped"):
+            fidelity.append((path, report["fidelity"]))
+        devices += [d for d in str(settings.get("device", "")).split(",") if d and d not in devices]
+    if len(fidelity) > 1:
+        raise UserError(f"{fidelity[1][0]}: mask fidelity is also in {fidelity[0][0]}; merge disjoint regimes")
+    order = sorted(regimes, key=lambda regime: regimes[regime]["n_real"])
+    settings = dict(first["settings"], regimes=order, device=",".join(devices),
+                    merged_from=[path for path, _ in reports])
+    return {**first, "settings": settings, "regimes": {regime: regimes[regime] for regime in order},
+            "fidelity": fidelity[0][1] if fidelity else first["fidelity"]}
 
 
 def csv_rows(report: dict, keys: list[str]) -> list[dict]:

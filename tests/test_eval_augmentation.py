@@ -228,3 +228,36 @@ def test_study_on_phantoms(tmp_path, monkeypatch, one_thread):
     with pytest.raises(UserError, match="overwrite"):  # existing outputs are kept
         augmentation.run(cfg)
     assert report["regimes"]["all"]["cases"] == sorted(split["train"])
+
+    # the same study run one regime at a time merges back into it
+    parts = []
+    for name, regime in (("part_all", "all"), ("part_4", "4")):
+        part = dict(saved, regimes={regime: saved["regimes"][regime]},
+                    settings=dict(saved["settings"], regimes=[regime]))
+        if regime == "4":
+            part["fidelity"] = {"skipped": True, "reason": "needs the 'all' regime and the 'real' arm"}
+        parts.append(tmp_path / name / "augmentation.json")
+        parts[-1].parent.mkdir()
+        parts[-1].write_text(json.dumps(part))
+    merge = ["action=merge", f"out={tmp_path / 'merged'}", f"reports=[{parts[0]},{parts[1]}]"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        merge_cfg = compose("augmentation", overrides=base + merge)
+    merged = augmentation.merge(merge_cfg)
+    assert list(merged["regimes"]) == ["4", "all"] and merged["settings"]["merged_from"] == [str(p) for p in parts]
+    assert merged["regimes"] == saved["regimes"] and merged["fidelity"] == saved["fidelity"]
+    assert {k: v for k, v in merged["settings"].items() if k != "merged_from"} == saved["settings"]
+    with open(tmp_path / "merged" / "augmentation.csv") as handle:
+        assert list(csv.DictReader(handle)) == rows
+    assert (tmp_path / "merged" / "augmentation.png").exists()
+    with pytest.raises(UserError, match="overwrite"):
+        augmentation.merge(merge_cfg)
+    other = json.loads(parts[1].read_text())
+    other["settings"]["seeds"] = [0, 1, 2, 3]
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(UserError, match=r"part_4/augmentation.json: settings.seeds is \[0, 1, 2, 3\] but .*\[0, 1, 2\]"):
+        augmentation.merge_reports(parts)
+    with pytest.raises(UserError, match="regime all is also in"):
+        augmentation.merge_reports([parts[0], parts[0]])
+    parts[1].write_text("{}")
+    with pytest.raises(UserError, match="part_4/augmentation.json: not an augmentation.json"):
+        augmentation.merge_reports(parts)
