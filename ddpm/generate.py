@@ -139,17 +139,14 @@ def run(cfg: DictConfig) -> list[str]:
         check_writable(path, overwrite)
     shape = [int(s) for s in meta["volume_shape"]]
     affine = grid_affine(shape, meta["dataset"]["spacing"])
-    limit = None if cfg.memory_limit_gb is None else int(float(cfg.memory_limit_gb) * GIB)
-    synth = Synthesizer(model, diffusion_meta, device, memory_limit_bytes=limit, window=parse_window(cfg.window),
-                        window_overlap=float(cfg.window_overlap), windows_per_call=int(cfg.window_batch))
-    synth.check_fits(synth.prepare(np.zeros(shape, np.int64), affine, "a generated label map"),
-                     float(cfg.image_sampler.guidance_scale))
+    synth = image_synthesizer(cfg, model, diffusion_meta, device, shape, affine)
 
     rows = []
     for index, (case_id, paths, drawn) in enumerate(tqdm(list(zip(ids, outputs, draws)), desc="pairs", unit="pair")):
         _, label_seed, image_seed = stream_seeds(cfg.seed, index % n)
         attributes = generator.standardise(attribute_vector(drawn, lesion_names)[None])
         label = generator.sample(attributes, shape, settings=label_settings,
+                                 positions=generator.positions([drawn], lesion_names),
                                  guidance_scale=float(cfg.label_sampler.guidance_scale),
                                  generator=torch.Generator().manual_seed(label_seed))[0].cpu().numpy()
         prepared = synth.prepare(label, affine, case_id)
@@ -164,16 +161,31 @@ def run(cfg: DictConfig) -> list[str]:
     write_csv(rows, out / "attributes.csv", overwrite)
     if layout == "nnunet":
         write_json(nnunet_dataset_json(meta["dataset"], len(ids)), out / "dataset.json", overwrite)
-    write_json({"labels_checkpoint": {"file": Path(str(cfg.labels_ckpt)).name, "sha256": file_sha256(cfg.labels_ckpt)},
-                "checkpoint": {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)},
-                "n": n, "seed": int(cfg.seed), "layout": layout,
-                "requested": request_values(cfg),
-                "sweep": plain(cfg.sweep),
-                "label_sampler": OmegaConf.to_container(cfg.label_sampler),
-                "image_sampler": OmegaConf.to_container(cfg.image_sampler),
-                "volume_shape": shape, "spacing_mm": [float(s) for s in meta["dataset"]["spacing"]],
-                "device": device.type, "versions": versions()}, out / "generate.json", overwrite)
+    write_json(run_record(cfg, n, layout, shape, meta["dataset"]["spacing"], device), out / "generate.json", overwrite)
     return ids
+
+
+def image_synthesizer(cfg, model, diffusion_meta: dict, device, shape: list[int], affine) -> Synthesizer:
+    """Stage 2 on the generated maps, checked to fit the memory limit at the maps' shape before any is drawn."""
+    limit = None if cfg.memory_limit_gb is None else int(float(cfg.memory_limit_gb) * GIB)
+    synth = Synthesizer(model, diffusion_meta, device, memory_limit_bytes=limit, window=parse_window(cfg.window),
+                        window_overlap=float(cfg.window_overlap), windows_per_call=int(cfg.window_batch))
+    synth.check_fits(synth.prepare(np.zeros(shape, np.int64), affine, "a generated label map"),
+                     float(cfg.image_sampler.guidance_scale))
+    return synth
+
+
+def run_record(cfg, n: int, layout: str, shape: list[int], spacing, device) -> dict:
+    """generate.json: the checkpoints (file name and hash), requests, samplers and grid of the run."""
+    return {"labels_checkpoint": {"file": Path(str(cfg.labels_ckpt)).name, "sha256": file_sha256(cfg.labels_ckpt)},
+            "checkpoint": {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)},
+            "n": n, "seed": int(cfg.seed), "layout": layout,
+            "requested": request_values(cfg),
+            "sweep": plain(cfg.sweep),
+            "label_sampler": OmegaConf.to_container(cfg.label_sampler),
+            "image_sampler": OmegaConf.to_container(cfg.image_sampler),
+            "volume_shape": shape, "spacing_mm": [float(s) for s in spacing],
+            "device": device.type, "versions": versions()}
 
 
 @hydra.main(version_base="1.3", config_path="../config", config_name="generate")

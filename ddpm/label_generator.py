@@ -9,6 +9,11 @@ The same two stages as the image model, applied to label maps:
    UNet's time embedding. Training replaces the vector by a learned null vector at `cond_drop_prob` per sample,
    so sampling can use classifier-free guidance. The normal decoder's concatenated condition channels carry the
    latent voxel coordinates: the generator works on whole volumes of one shape, where position is anatomy.
+   With `spatial_condition`, one more channel per lesion class carries where its largest component should be: a
+   Gaussian on the latent grid at the centroid, of the lesion's equivalent-sphere radius (at least one latent
+   voxel), zero for an absent lesion and in the dropped (unconditional) rows. Training places it at each map's
+   own centroid; sampling maps a requested normalised body centroid onto the grid through the training maps'
+   mean body box (`body_box` buffer), as no generated body exists yet.
 
 The attribute vector has, per lesion class (`dataset.attributes`, in the order of `lesion_classes`),
 log1p(volume in mL), the component count and the centroid (r, a, s) of the largest component in normalised body
@@ -53,6 +58,7 @@ STATE_PREFIX = "model."
 LATENT_KINDS = ("kl", "fsq")
 FEATURES_PER_CLASS = 5  # log1p(volume mL), count, centroid r, a, s
 COORDINATE_CHANNELS = 3
+POSITION_FEATURES = 4  # latent-grid index x, y, z of a lesion centroid and the spatial channel's sigma
 
 
 # attributes as vectors ---------------------------------------------------------------------------------------
@@ -91,6 +97,48 @@ def coordinate_grid(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
+def foreground_box(label: np.ndarray) -> np.ndarray:
+    """(2, 3) low and high voxel index of the non-background voxels (the body box of `dataset.attributes` in
+    index space); NaN for an all-background map."""
+    foreground = np.nonzero(np.asarray(label))
+    if not foreground[0].size:
+        return np.full((2, 3), np.nan)
+    return np.array([[a.min() for a in foreground], [a.max() for a in foreground]], dtype=np.float64)
+
+
+def lesion_positions(attributes: Sequence[Mapping[str, LesionAttributes]], lesion_names: Sequence[str],
+                     boxes: np.ndarray, voxel_ml: float, downsample: Sequence[int]) -> np.ndarray:
+    """(B, n_lesion_classes, POSITION_FEATURES): for each map's attributes and body box ((B, 2, 3) voxel
+    indices of the generated grid), the latent-grid index of each lesion class's centroid and the sigma (latent
+    voxels) of its spatial channel: the equivalent-sphere radius of its volume, at least 1. NaN rows where a
+    class is absent (no centroid or no volume). Latent voxel j covers image voxels f*j .. f*j + f - 1."""
+    factor = np.asarray(downsample, dtype=np.float64)
+    out = np.full((len(attributes), len(lesion_names), POSITION_FEATURES), np.nan)
+    for b, (found, box) in enumerate(zip(attributes, np.asarray(boxes, dtype=np.float64))):
+        for k, name in enumerate(lesion_names):
+            lesion = found[name]
+            if lesion.centroid is None or not lesion.volume_ml > 0 or not np.isfinite(box).all():
+                continue
+            index = box[0] + np.asarray(lesion.centroid, dtype=np.float64) * (box[1] - box[0])
+            radius = (3.0 * float(lesion.volume_ml) / float(voxel_ml) / (4.0 * math.pi)) ** (1.0 / 3.0)
+            out[b, k, :3] = (index - (factor - 1) / 2) / factor
+            out[b, k, 3] = max(1.0, radius / float(factor.mean()))
+    return out
+
+
+def spatial_channels(positions: torch.Tensor, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """(B, L, X, Y, Z) Gaussians exp(-d^2 / 2 sigma^2) on the latent grid of `shape` at `positions`
+    (B, L, POSITION_FEATURES); zero for NaN rows (absent lesions)."""
+    positions = positions.to(device=like.device, dtype=like.dtype)
+    present = torch.isfinite(positions).all(-1)
+    safe = torch.where(present[..., None], positions, torch.ones_like(positions))
+    axes = [torch.arange(int(n), device=like.device, dtype=like.dtype) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (X, Y, Z, 3)
+    distance = (grid[None, None] - safe[:, :, None, None, None, :3]).square().sum(-1)
+    blobs = torch.exp(-distance / (2 * safe[..., 3, None, None, None].square()))
+    return blobs * present[..., None, None, None].to(like.dtype)
+
+
 def soft_dice_loss(logits: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - mean over classes of the soft Dice of softmax(logits) and the one-hot target, over the whole batch
     (a class absent from both scores 1 thanks to the smoothing `eps`)."""
@@ -103,15 +151,18 @@ def soft_dice_loss(logits: torch.Tensor, onehot: torch.Tensor, eps: float = 1.0)
 
 # networks ----------------------------------------------------------------------------------------------------
 class AttributeUNet(nn.Module):
-    """`forward(x_t, t, attributes, drop=None)`: `ddpm.unet.UNet3D` (normal decoder) with an attribute vector
-    (B, n_attributes) embedded by an MLP and added to the time embedding (a forward hook on the UNet's
-    `time_mlp`, so the UNet itself is unchanged); rows where `drop` is true use the learned null vector."""
+    """`forward(x_t, t, attributes, drop=None, positions=None)`: `ddpm.unet.UNet3D` (normal decoder) with an
+    attribute vector (B, n_attributes) embedded by an MLP and added to the time embedding (a forward hook on the
+    UNet's `time_mlp`, so the UNet itself is unchanged); rows where `drop` is true use the learned null vector.
+    With `n_spatial` > 0, `positions` (B, n_spatial, POSITION_FEATURES) add one Gaussian channel each to the
+    coordinate channels (`spatial_channels`; zero in the dropped rows)."""
 
-    def __init__(self, *, in_channels: int, n_attributes: int, unet: Mapping[str, Any]):
+    def __init__(self, *, in_channels: int, n_attributes: int, unet: Mapping[str, Any], n_spatial: int = 0):
         super().__init__()
-        # label_nc + 1 condition channels are concatenated to the input: the three coordinate channels.
-        self.unet = UNet3D(in_channels=in_channels, label_nc=COORDINATE_CHANNELS - 1, decoder="normal",
-                           label_downsample=(1, 1, 1), **unet)
+        # label_nc + 1 condition channels are concatenated to the input: the coordinate and spatial channels.
+        self.n_spatial = int(n_spatial)
+        self.unet = UNet3D(in_channels=in_channels, label_nc=COORDINATE_CHANNELS + self.n_spatial - 1,
+                           decoder="normal", label_downsample=(1, 1, 1), **unet)
         width = self.unet.base_channels
         self.embed = nn.Sequential(nn.Linear(n_attributes, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
         self.null_vector = nn.Parameter(torch.zeros(n_attributes))
@@ -121,15 +172,23 @@ class AttributeUNet(nn.Module):
         return self.unet.required_multiple
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, attributes: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         vector = attributes.to(x_t.dtype)
         if drop is not None:
             vector = torch.where(drop[:, None], self.null_vector.to(vector.dtype).expand_as(vector), vector)
         embedding = self.embed(vector)
-        coordinates = coordinate_grid(x_t.shape[2:], x_t).expand(x_t.shape[0], -1, -1, -1, -1)
+        channels = coordinate_grid(x_t.shape[2:], x_t).expand(x_t.shape[0], -1, -1, -1, -1)
+        if self.n_spatial:
+            if positions is None or tuple(positions.shape[1:]) != (self.n_spatial, POSITION_FEATURES):
+                raise ValueError(f"positions: need (B, {self.n_spatial}, {POSITION_FEATURES}), got "
+                                 f"{None if positions is None else tuple(positions.shape)}")
+            spatial = spatial_channels(positions, x_t.shape[2:], x_t)
+            if drop is not None:
+                spatial = spatial * (~drop).to(spatial.dtype)[:, None, None, None, None]
+            channels = torch.cat([channels, spatial], 1)
         hook = self.unet.time_mlp.register_forward_hook(lambda _module, _inputs, temb: temb + embedding)
         try:
-            return self.unet(x_t, t, Condition(levels=[coordinates]))
+            return self.unet(x_t, t, Condition(levels=[channels]))
         finally:
             hook.remove()
 
@@ -142,7 +201,7 @@ class LabelGenerator(nn.Module):
 
     def __init__(self, *, label_nc: int, n_attributes: int, autoencoder: Mapping[str, Any],
                  unet: Mapping[str, Any], dice_weight: float, timesteps: int, beta_schedule: str, prediction: str,
-                 cond_drop_prob: float, ema_decay: float):
+                 cond_drop_prob: float, ema_decay: float, spatial_condition: bool = False):
         super().__init__()
         kind = str(autoencoder.get("quantizer", "kl"))
         if kind not in LATENT_KINDS:
@@ -159,8 +218,9 @@ class LabelGenerator(nn.Module):
         self.label_nc = int(label_nc)
         self.n_attributes = int(n_attributes)
         self.autoencoder = VQGAN(in_channels=self.label_nc, label_nc=None, **autoencoder)
+        self.n_spatial = self.n_attributes // FEATURES_PER_CLASS if spatial_condition else 0
         self.unet = AttributeUNet(in_channels=self.autoencoder.embedding_dim, n_attributes=self.n_attributes,
-                                  unet=unet)
+                                  unet=unet, n_spatial=self.n_spatial)
         self.ema_unet = copy.deepcopy(self.unet).eval().requires_grad_(False)
         self.schedule = DiffusionSchedule(timesteps=timesteps, beta_schedule=beta_schedule, prediction=prediction)
         self.dice_weight = float(dice_weight)
@@ -169,6 +229,9 @@ class LabelGenerator(nn.Module):
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
         self.register_buffer("attribute_mean", torch.full((self.n_attributes,), float("nan")))
         self.register_buffer("attribute_std", torch.full((self.n_attributes,), float("nan")))
+        if self.n_spatial:  # the training maps' mean body box (voxel indices of the padded grid), the voxel volume
+            self.register_buffer("body_box", torch.full((2, 3), float("nan"), dtype=torch.float64))
+            self.register_buffer("voxel_ml", torch.tensor(float("nan"), dtype=torch.float64))
 
     def train(self, mode: bool = True) -> "LabelGenerator":
         super().train(mode)
@@ -182,8 +245,10 @@ class LabelGenerator(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        """Both the latent scale and the attribute standardisation are set (the diffusion phase has started)."""
-        return bool(torch.isfinite(self.scale_factor)) and bool(torch.isfinite(self.attribute_mean).all())
+        """The latent scale, the attribute standardisation and (spatial condition) the body box are set (the
+        diffusion phase has started)."""
+        fitted = bool(torch.isfinite(self.scale_factor)) and bool(torch.isfinite(self.attribute_mean).all())
+        return fitted and (not self.n_spatial or bool(torch.isfinite(self.body_box).all()))
 
     # attributes --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -199,6 +264,24 @@ class LabelGenerator(nn.Module):
         std = np.sqrt(np.divide((spread**2).sum(0), counts, out=np.zeros(self.n_attributes), where=counts > 0))
         self.attribute_mean.copy_(torch.from_numpy(mean))
         self.attribute_std.copy_(torch.from_numpy(np.where(std > 1e-8, std, 1.0)))
+
+    @torch.no_grad()
+    def fit_geometry(self, boxes: np.ndarray, voxel_ml: float) -> None:
+        """Spatial condition: the mean of the training maps' body boxes (N, 2, 3) and the voxel volume in mL."""
+        if self.n_spatial:
+            self.body_box.copy_(torch.from_numpy(np.nanmean(np.asarray(boxes, dtype=np.float64), axis=0)))
+            self.voxel_ml.fill_(float(voxel_ml))
+
+    def positions(self, attributes: Sequence[Mapping[str, LesionAttributes]], lesion_names: Sequence[str],
+                  boxes: np.ndarray | None = None) -> torch.Tensor | None:
+        """The spatial condition (B, n_spatial, POSITION_FEATURES) of raw attributes, through each map's own body
+        box (training) or the fitted mean box (sampling); None without a spatial condition."""
+        if not self.n_spatial:
+            return None
+        if boxes is None:
+            boxes = np.repeat(self.body_box.cpu().numpy()[None], len(attributes), axis=0)
+        found = lesion_positions(attributes, lesion_names, boxes, float(self.voxel_ml), self.autoencoder.downsample)
+        return torch.from_numpy(found.astype(np.float32)).to(self.scale_factor.device)
 
     def standardise(self, vectors: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw attribute vectors (B, n_attributes) -> the network's input (NaN -> 0, the training mean)."""
@@ -237,8 +320,8 @@ class LabelGenerator(nn.Module):
         return self.autoencoder.decode(latent / self.scale_factor).argmax(1)
 
     # diffusion ---------------------------------------------------------------------------------------------
-    def diffusion_loss(self, latent: torch.Tensor, attributes: torch.Tensor, *,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def diffusion_loss(self, latent: torch.Tensor, attributes: torch.Tensor, positions: torch.Tensor | None = None,
+                       *, generator: torch.Generator | None = None) -> torch.Tensor:
         """L2 denoising loss on scaled latents at uniform timesteps; attributes (standardised) dropped to the
         null vector at `cond_drop_prob` per sample."""
         source = generator.device if generator is not None else latent.device
@@ -246,12 +329,13 @@ class LabelGenerator(nn.Module):
         t = torch.randint(0, self.schedule.timesteps, (batch,), generator=generator, device=source).to(latent.device)
         drop = (torch.rand(batch, generator=generator, device=source) < self.cond_drop_prob).to(latent.device)
         noise = gaussian(latent.shape, generator=generator, device=latent.device)
-        return self.denoising_error(self.unet, latent, attributes, t, noise, drop).mean()
+        return self.denoising_error(self.unet, latent, attributes, t, noise, drop, positions).mean()
 
-    def denoising_error(self, unet: AttributeUNet, latent, attributes, t, noise, drop=None) -> torch.Tensor:
+    def denoising_error(self, unet: AttributeUNet, latent, attributes, t, noise, drop=None,
+                        positions=None) -> torch.Tensor:
         """(B,) mean squared error of `unet`'s prediction of the schedule's target."""
         x_t = self.schedule.q_sample(latent, t, noise)
-        prediction = unet(x_t, t, attributes, drop).float()
+        prediction = unet(x_t, t, attributes, drop, positions).float()
         return (prediction - self.schedule.training_target(latent, noise, t).float()).square().flatten(1).mean(1)
 
     def update_ema(self, step: int) -> None:
@@ -259,8 +343,10 @@ class LabelGenerator(nn.Module):
 
     @torch.no_grad()
     def sample(self, attributes: torch.Tensor, shape: Sequence[int], *, settings: SamplerSettings,
-               guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standardised attributes (B, n_attributes) -> integer label maps (B, X, Y, Z) of `shape`."""
+               positions: torch.Tensor | None = None, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standardised attributes (B, n_attributes) (and with a spatial condition their `positions`) -> integer
+        label maps (B, X, Y, Z) of `shape`."""
         if not self.is_fitted:
             raise RuntimeError("the generator was never fitted (no latent scale or attribute statistics)")
         if any(int(s) % m for s, m in zip(shape, self.image_multiple)):
@@ -272,13 +358,16 @@ class LabelGenerator(nn.Module):
         unet = self.ema_unet
         if guidance_scale == 1.0:
             def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
-                return unet(x_t, torch.full((batch,), t, device=x_t.device), attributes).float()
+                return unet(x_t, torch.full((batch,), t, device=x_t.device), attributes,
+                            positions=positions).float()
         else:
             both = torch.cat([attributes, attributes])
+            both_positions = None if positions is None else torch.cat([positions, positions])
             drop = torch.arange(2 * batch, device=both.device) >= batch
 
             def pair(x_t: torch.Tensor, t: int) -> torch.Tensor:
-                return unet(x_t, torch.full((2 * batch,), t, device=x_t.device), both, drop).float()
+                return unet(x_t, torch.full((2 * batch,), t, device=x_t.device), both, drop,
+                            both_positions).float()
 
             denoise = guided(pair, guidance_scale)
         noise = gaussian(latent_shape, generator=generator, device=self.scale_factor.device)

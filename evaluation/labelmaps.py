@@ -318,6 +318,21 @@ def per_case_rows(fake_stems: list[str], fake_maps: list[dict], nearest: list[st
     return rows
 
 
+def write_figures(outputs: dict, volumes: tuple, summaries: tuple, nearest: tuple, names: list[str], bins: int,
+                  overwrite: bool) -> None:
+    """Class-volume histograms, adjacency matrices and nearest-training-Dice histogram, training vs generated."""
+    (real_volumes, fake_volumes), (real_summary, fake_summary) = volumes, summaries
+    best, reference, threshold = nearest
+    figures.class_histograms({c: real_volumes[:, c] for c in range(1, len(names))},
+                             {c: fake_volumes[:, c] for c in range(1, len(names))}, bins=bins, unit="mL",
+                             path=outputs["volumes"], overwrite=overwrite, class_names=names,
+                             title="Volume per label class: training vs generated maps")
+    figures.adjacency_matrices({"training": real_summary["adjacency"], "generated": fake_summary["adjacency"]},
+                               names, path=outputs["adjacency"], overwrite=overwrite)
+    figures.nearest_neighbour_histogram(best, reference, threshold=threshold, xlabel="mean foreground Dice",
+                                        path=outputs["novelty"], overwrite=overwrite)
+
+
 def run(cfg: DictConfig) -> dict:
     out = Path(str(cfg.out))
     outputs = {"json": out / "labelmaps.json", "csv": out / "per_case.csv",
@@ -376,14 +391,8 @@ def run(cfg: DictConfig) -> dict:
     nearest = [real_stems[i] for i in index]
     write_json(report, outputs["json"], overwrite)
     write_csv(per_case_rows(fake_stems, fake_maps, nearest, best, flagged, names), outputs["csv"], overwrite)
-    figures.class_histograms({c: real_volumes[:, c] for c in range(1, label_nc)},
-                             {c: fake_volumes[:, c] for c in range(1, label_nc)}, bins=int(cfg.histogram_bins),
-                             unit="mL", path=outputs["volumes"], overwrite=overwrite, class_names=names,
-                             title="Volume per label class: training vs generated maps")
-    figures.adjacency_matrices({"training": real_summary["adjacency"], "generated": fake_summary["adjacency"]},
-                               names, path=outputs["adjacency"], overwrite=overwrite)
-    figures.nearest_neighbour_histogram(best, reference, threshold=threshold, xlabel="mean foreground Dice",
-                                        path=outputs["novelty"], overwrite=overwrite)
+    write_figures(outputs, (real_volumes, fake_volumes), (real_summary, fake_summary), (best, reference, threshold),
+                  names, int(cfg.histogram_bins), overwrite)
     print_summary(f"label maps: {len(fake)} generated vs {len(real)} training -> {out}", {
         "adjacency L1 (0..2)": {"value": results["plausibility"]["adjacency_l1"]},
         "mean KS of class volumes": {"value": results["distribution"]["mean_ks_statistic"]},

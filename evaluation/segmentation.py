@@ -190,24 +190,25 @@ def run(cfg: DictConfig) -> dict:
             "mean Dice on generated pairs (against their own maps) / mean Dice on the real test cases")
         rows += scored
 
-    settings = model.settings
-    report = {
-        "settings": {
-            "dataset": str(cfg.dataset.name), "n_train": len(real["train"]), "n_val": len(real["val"]),
-            "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]), "n_generated": len(generated),
-            "synthetic_ignored": synthetic["ignored"],
-            "segmenter": settings.network, "crop_size": settings.crop_size, "max_steps": settings.max_steps,
-            "batch_size": settings.batch_size, "lr": settings.lr, "seed": int(cfg.seed), "device": str(device),
-            "dice": "per class keyed by name, background (0) excluded, lesion classes first; mean over the classes "
-                    "present",
-            "split": "patient-level; test cases never used for training or model selection",
-        },
-        "metrics": results,
-    }
+    report = {"settings": run_settings(cfg, model.settings, real, synthetic, generated, device), "metrics": results}
     write_json(report, outputs["segmentation.json"], cfg.overwrite)
     write_csv(rows, outputs["per_case.csv"], cfg.overwrite)
     print_summary(f"segmentation -> {out}", console_lines(results))
     return report
+
+
+def run_settings(cfg, settings, real: dict, synthetic: dict, generated: list, device) -> dict:
+    """The `settings` block of segmentation.json: what was run, and how the figures are defined."""
+    return {
+        "dataset": str(cfg.dataset.name), "n_train": len(real["train"]), "n_val": len(real["val"]),
+        "n_test": len(real["test"]), "n_synthetic_test": len(synthetic["test"]), "n_generated": len(generated),
+        "synthetic_ignored": synthetic["ignored"],
+        "segmenter": settings.network, "crop_size": settings.crop_size, "max_steps": settings.max_steps,
+        "batch_size": settings.batch_size, "lr": settings.lr, "seed": int(cfg.seed), "device": str(device),
+        "dice": "per class keyed by name, background (0) excluded, lesion classes first; mean over the classes "
+                "present",
+        "split": "patient-level; test cases never used for training or model selection",
+    }
 
 
 def score_against_real(model, volumes: list[Volume], source: str, seed: int, real_dice: dict,

@@ -14,7 +14,7 @@ import benchmarks.make_generated_figure as figure
 from dataset.attributes import measure, read_requested_csv
 from dataset.validate import validate_dataset
 from ddpm.generate import run
-from ddpm.label_generator import grid_affine, save_label_generator
+from ddpm.label_generator import foreground_box, grid_affine, save_label_generator
 from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from utils.errors import UserError
@@ -32,8 +32,9 @@ def ckpts(tmp_path_factory):
     dataset = torch.load(diffusion, weights_only=True)["diffusion"]["dataset"]
     maps = [phantom_map(2.0), phantom_map(3.5)]
     vectors, found = vectors_of(maps, AFFINE)
-    model = tiny_generator()
+    model = tiny_generator(spatial_condition=True)  # as config/model/labels.yaml
     model.fit_attributes(vectors)
+    model.fit_geometry(np.stack([foreground_box(m) for m in maps]), float(np.prod(SPACING)) / 1000)
     model.scale_factor.fill_(1.0)
     labels = save_label_generator(model.eval(), folder / "labels.ckpt", dataset=dataset, lesion_classes=LESIONS,
                                   attribute_table=found, volume_shape=SHAPE, split=None)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dataset.attributes import LesionAttributes
-from ddpm.label_generator import (AttributeUNet, attribute_vector, grid_affine, load_label_generator,
-                                  save_label_generator, soft_dice_loss)
+from dataset.attributes import measure
+from ddpm.label_generator import (AttributeUNet, attribute_vector, foreground_box, grid_affine, lesion_positions,
+                                  load_label_generator, save_label_generator, soft_dice_loss, spatial_channels)
 from ddpm.samplers import SamplerSettings
 from ddpm_tiny import save_tiny_vqgan, tiny_vqgan
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
@@ -70,6 +71,59 @@ def test_attribute_unet_depends_on_the_vector_and_the_null_vector():
     null = net(x, t, net.null_vector.detach().expand(2, 5))
     torch.testing.assert_close(dropped, null)
     assert not net.unet.time_mlp._forward_hooks  # the hook lives for one call only
+
+
+def test_lesion_positions_by_hand():
+    box = np.array([[[0.0, 0.0, 0.0], [16.0, 16.0, 12.0]]])
+    radius = 8.0  # voxels of 0.027 mL (3 mm): sigma 8 / 4 = 2 latent voxels
+    volume = 4 / 3 * math.pi * radius**3 * 0.027
+    present = {"class_2": LesionAttributes(volume_ml=volume, count=1, centroid=(0.5, 0.25, 1.0))}
+    small = {"class_2": LesionAttributes(volume_ml=0.027, count=1, centroid=(0.0, 0.0, 0.0))}
+    absent = {"class_2": LesionAttributes(volume_ml=0.0, count=0, centroid=None)}
+    found = lesion_positions([present, small, absent], ["class_2"], np.repeat(box, 3, 0), 0.027, (4, 4, 4))
+    # image index (8, 4, 12); latent voxel j covers image voxels 4j..4j+3, centre 4j + 1.5
+    np.testing.assert_allclose(found[0, 0], [(8 - 1.5) / 4, (4 - 1.5) / 4, (12 - 1.5) / 4, 2.0])
+    np.testing.assert_allclose(found[1, 0], [-1.5 / 4, -1.5 / 4, -1.5 / 4, 1.0])  # sigma at least 1
+    assert np.isnan(found[2]).all()
+
+
+def test_spatial_channels_are_gaussians_at_the_positions():
+    positions = torch.tensor([[[2.0, 1.0, 3.0, 1.5]], [[math.nan] * 4]])
+    blobs = spatial_channels(positions, (4, 4, 5), torch.zeros(()))
+    assert blobs.shape == (2, 1, 4, 4, 5) and float(blobs[1].abs().max()) == 0.0  # absent: zero
+    assert float(blobs[0, 0, 2, 1, 3]) == pytest.approx(1.0) and int(blobs[0, 0].argmax()) == (2 * 4 + 1) * 5 + 3
+    assert float(blobs[0, 0, 3, 1, 3]) == pytest.approx(math.exp(-1 / (2 * 1.5**2)), rel=1e-6)
+    assert float(blobs[0, 0, 0, 0, 0]) == pytest.approx(math.exp(-(4 + 1 + 9) / (2 * 1.5**2)), rel=1e-6)
+
+
+def test_a_training_maps_own_position_is_its_lesion_centre():
+    label = phantom_map(LARGE)  # lesion centred at voxel (9, 8, 6)
+    found = measure(label, AFFINE, LESIONS)
+    box = foreground_box(label)
+    position = lesion_positions([found], list(LESIONS), box[None], float(np.prod(SPACING)) / 1000, (4, 4, 4))[0, 0]
+    np.testing.assert_allclose(position[:3], (np.array([9.0, 8.0, 6.0]) - 1.5) / 4, atol=1e-6)
+    assert np.isnan(foreground_box(np.zeros((3, 3, 3), int))).all()
+    block = np.zeros((6, 6, 6), int)
+    block[1:4, 2, 3:5] = 2
+    np.testing.assert_array_equal(foreground_box(block), [[1, 2, 3], [3, 2, 4]])
+
+
+def test_attribute_unet_follows_the_spatial_channel_unless_dropped():
+    torch.manual_seed(0)
+    net = AttributeUNet(in_channels=4, n_attributes=5, n_spatial=1, unet=dict(
+        base_channels=8, channel_mult=[1, 2], attention_levels=[], norm_groups=4, group_width=8, head_channels=8))
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    x, t, a = torch.randn(1, 4, 4, 4, 4).expand(2, -1, -1, -1, -1), torch.tensor([3, 3]), torch.zeros(2, 5)
+    positions = torch.tensor([[[0.0, 0.0, 0.0, 1.0]], [[3.0, 3.0, 3.0, 1.0]]])
+    moved = net(x, t, a, positions=positions)
+    assert (moved[0] - moved[1]).abs().max() > 1e-4
+    dropped = net(x, t, a, drop=torch.tensor([True, True]), positions=positions)
+    torch.testing.assert_close(dropped[0], dropped[1])
+    with pytest.raises(ValueError, match="positions"):
+        net(x, t, a)
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +234,12 @@ def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root
     assert meta["split"] == stored  # the stage-1 split, not a fresh one
     assert meta["volume_shape"] == [24, 24, 16]  # the phantoms' shape, already a multiple of 4
     assert len(meta["attribute_table"]) == len(stored["train"])
-    sample = model.sample(model.standardise(attribute_vector(meta["attribute_table"][0], ["class_2"])[None]),
-                          meta["volume_shape"], settings=SamplerSettings("ddim", 2, 0.0))
+    drawn = meta["attribute_table"][0]  # the config's generator has the spatial condition
+    assert model.n_spatial == 1 and float(model.voxel_ml) == pytest.approx(0.002)
+    box = model.body_box.numpy()  # mean body box of the training maps, inside the 24x24x16 grid
+    assert (box[0] >= 0).all() and (box[1] <= [23, 23, 15]).all() and (box[1] > box[0]).all()
+    sample = model.sample(model.standardise(attribute_vector(drawn, ["class_2"])[None]), meta["volume_shape"],
+                          positions=model.positions([drawn], ["class_2"]), settings=SamplerSettings("ddim", 2, 0.0))
     assert sample.shape == (1, 24, 24, 16) and 0 <= int(sample.min()) and int(sample.max()) < 3
 
 

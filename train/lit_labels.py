@@ -27,10 +27,10 @@ import torch
 from omegaconf import DictConfig
 
 from dataset import cache
-from dataset.attributes import lesion_classes, measure
+from dataset.attributes import lesion_classes, measure, voxel_volume_ml
 from dataset.crops import LABEL_PAD_VALUE, pad_to_at_least
 from ddpm.label_generator import (FEATURES_PER_CLASS, STAGE, LabelGenerator, attribute_vector,
-                                  checkpoint_metadata)
+                                  checkpoint_metadata, foreground_box)
 from ddpm.samplers import SamplerSettings, gaussian
 from evaluation.metrics import dice_per_class, mean_dice
 from train.common import mean_over_unique_cases, save_image_grid
@@ -97,6 +97,7 @@ class LitLabels(pl.LightningModule):
         self.split: dict[str, list[str]] | None = None
         self.attribute_table: list[dict] = []
         self.vectors: dict[str, np.ndarray] = {}  # raw attribute vector per training and validation case
+        self.positions: dict[str, torch.Tensor | None] = {}  # their spatial condition (model.spatial_condition)
         self._latents: dict[str, torch.Tensor] = {}
         self._diffusion_step = False
 
@@ -114,18 +115,31 @@ class LitLabels(pl.LightningModule):
         datamodule = self.trainer.datamodule
         self.split = datamodule.split
         train, val = datamodule.train_cases, datamodule.val_cases
-        self.attribute_table = []
+        self.attribute_table, found, boxes = [], {}, {}
         for case in train + val:
             entry = cache.load_preprocessed(case, datamodule.cfg)
-            found = measure(np.asarray(entry.label), entry.grid_info.model_affine, self.lesions)
-            self.vectors[case.case_id] = attribute_vector(found, self.lesion_names)
+            label = np.asarray(entry.label)
+            found[case.case_id] = measure(label, entry.grid_info.model_affine, self.lesions)
+            self.vectors[case.case_id] = attribute_vector(found[case.case_id], self.lesion_names)
+            # the body box on the padded grid the generator sees
+            boxes[case.case_id] = foreground_box(pad_to_at_least(label, self.volume_shape, LABEL_PAD_VALUE)[0])
             if len(self.attribute_table) < len(train):
-                self.attribute_table.append(found)
+                self.attribute_table.append(found[case.case_id])
         if not torch.isfinite(self.model.attribute_mean).all():  # fresh run; a resumed one keeps its statistics
             self.model.fit_attributes(np.stack([self.vectors[c.case_id] for c in train]))
+            self.model.fit_geometry(np.stack([boxes[c.case_id] for c in train]),
+                                    voxel_volume_ml(cache.load_preprocessed(train[0], datamodule.cfg)
+                                                    .grid_info.model_affine))
+        for case_id in found:
+            self.positions[case_id] = self.model.positions([found[case_id]], self.lesion_names,
+                                                           boxes[case_id][None])
 
-    def _attributes(self, case_ids) -> torch.Tensor:
-        return self.model.standardise(np.stack([self.vectors[c] for c in case_ids])).to(self.device)
+    def _attributes(self, case_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Standardised attribute vectors and spatial conditions (None without one) of `case_ids`."""
+        vectors = self.model.standardise(np.stack([self.vectors[c] for c in case_ids])).to(self.device)
+        if not self.model.n_spatial:
+            return vectors, None
+        return vectors, torch.cat([self.positions[c] for c in case_ids]).to(self.device)
 
     @torch.no_grad()
     def _encode_training_maps(self) -> None:
@@ -159,7 +173,7 @@ class LitLabels(pl.LightningModule):
         if not self._latents:
             self._encode_training_maps()
         latent = torch.stack([self._latents[c] for c in batch["case_id"]]).to(self.device) * self.model.scale_factor
-        loss = self.model.diffusion_loss(latent, self._attributes(batch["case_id"]))
+        loss = self.model.diffusion_loss(latent, *self._attributes(batch["case_id"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
@@ -185,9 +199,11 @@ class LitLabels(pl.LightningModule):
                              device=latent.device)
             noise = torch.stack([gaussian((k, *latent.shape[1:]), generator=torch.Generator().manual_seed(case_seed(c)),
                                           device=latent.device) for c in batch["case_id"]]).flatten(0, 1)
+            vectors, positions = self._attributes(batch["case_id"])
             errors = model.denoising_error(model.ema_unet, latent.repeat_interleave(k, 0),
-                                           self._attributes(batch["case_id"]).repeat_interleave(k, 0), t,
-                                           noise).view(-1, k).mean(1)
+                                           vectors.repeat_interleave(k, 0), t, noise, None,
+                                           None if positions is None else positions.repeat_interleave(k, 0)
+                                           ).view(-1, k).mean(1)
         for i, case_id in enumerate(batch["case_id"]):
             dice = mean_dice(dice_per_class(recon[i].cpu(), label[i, 0].cpu(), model.label_nc))
             self._val_metrics[case_id] = {"ae_ce": float(ce[i]), "ae_dice": dice,
@@ -203,8 +219,9 @@ class LitLabels(pl.LightningModule):
 
     def _log_samples(self, label: torch.Tensor, case_ids, batch_idx: int) -> None:
         """Middle slices of validation maps and of maps generated from their attributes."""
-        generated = self.model.sample(self._attributes(case_ids[: label.shape[0]]), label.shape[2:],
-                                      settings=self.val_sampler, guidance_scale=self.val_guidance_scale,
+        vectors, positions = self._attributes(case_ids[: label.shape[0]])
+        generated = self.model.sample(vectors, label.shape[2:], settings=self.val_sampler, positions=positions,
+                                      guidance_scale=self.val_guidance_scale,
                                       generator=torch.Generator().manual_seed(batch_idx))
         z = label.shape[-1] // 2
         rows = [[label[i, 0, :, :, z].float().cpu().numpy(), generated[i, :, :, z].float().cpu().numpy()]

@@ -30,6 +30,26 @@ def latent_kind(hparams: dict[str, Any]) -> str:
     return str(hparams.get("quantizer", "ema_vq"))
 
 
+def build_quantizer(kind: str, embedding_dim: int | None, *, num_codes: int, ema_decay: float,
+                    commitment_weight: float, dead_code_threshold: float, usage_window: int,
+                    fsq_levels: Sequence[int], kl_weight: float) -> tuple[nn.Module, int]:
+    """The latent bottleneck of `kind` (ema_vq | fsq | kl) and its latent channel count."""
+    if kind not in KINDS:
+        raise ValueError(f"quantizer must be one of {list(KINDS)}, got {kind!r}")
+    if kind == "fsq":
+        fsq_levels = [int(level) for level in fsq_levels]
+        if embedding_dim is not None and embedding_dim != len(fsq_levels):
+            raise ValueError(f"fsq has one latent channel per level entry: embedding_dim {embedding_dim} "
+                             f"!= {len(fsq_levels)} entries in fsq_levels {fsq_levels}")
+        return FiniteScalarQuantizer(levels=fsq_levels, usage_window=usage_window), len(fsq_levels)
+    embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
+    if kind == "kl":
+        return GaussianLatent(embedding_dim=embedding_dim, kl_weight=kl_weight), embedding_dim
+    return EMAVectorQuantizer(num_codes=num_codes, embedding_dim=embedding_dim, decay=ema_decay,
+                              commitment_weight=commitment_weight, dead_code_threshold=dead_code_threshold,
+                              usage_window=usage_window), embedding_dim
+
+
 @configurable()
 class VQGAN(nn.Module):
     """`encode(image) -> z` (the continuous latent before quantisation, what stage 2 diffuses: the encoder output
@@ -74,23 +94,10 @@ class VQGAN(nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        if quantizer not in KINDS:
-            raise ValueError(f"quantizer must be one of {list(KINDS)}, got {quantizer!r}")
-        if quantizer == "fsq":
-            fsq_levels = [int(level) for level in fsq_levels]
-            if embedding_dim is not None and embedding_dim != len(fsq_levels):
-                raise ValueError(f"fsq has one latent channel per level entry: embedding_dim {embedding_dim} "
-                                 f"!= {len(fsq_levels)} entries in fsq_levels {fsq_levels}")
-            embedding_dim = len(fsq_levels)
-            self.quantizer = FiniteScalarQuantizer(levels=fsq_levels, usage_window=usage_window)
-        elif quantizer == "kl":
-            embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
-            self.quantizer = GaussianLatent(embedding_dim=embedding_dim, kl_weight=kl_weight)
-        else:
-            embedding_dim = DEFAULT_EMBEDDING_DIM if embedding_dim is None else embedding_dim
-            self.quantizer = EMAVectorQuantizer(num_codes=num_codes, embedding_dim=embedding_dim, decay=ema_decay,
-                                                commitment_weight=commitment_weight,
-                                                dead_code_threshold=dead_code_threshold, usage_window=usage_window)
+        self.quantizer, embedding_dim = build_quantizer(
+            quantizer, embedding_dim, num_codes=num_codes, ema_decay=ema_decay, commitment_weight=commitment_weight,
+            dead_code_threshold=dead_code_threshold, usage_window=usage_window, fsq_levels=fsq_levels,
+            kl_weight=kl_weight)
         self.embedding_dim = embedding_dim
         shape = dict(base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                      downsample=downsample, norm_groups=norm_groups, gradient_checkpointing=gradient_checkpointing)
