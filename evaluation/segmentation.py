@@ -139,7 +139,7 @@ def reused_segmenter(cfg, split: dict, device):
 
 def training_record(model) -> dict:
     return {"steps": model.steps, "best_step": model.best_step, "seconds": round(model.seconds, 1),
-            "validations": model.history}
+            "validations": model.history, "postprocessing": model.postprocessing}
 
 
 def run(cfg: DictConfig) -> dict:

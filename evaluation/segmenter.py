@@ -11,7 +11,11 @@ API (`evaluation.segmentation`, `evaluation.augmentation`):
   (config/segmenter/default.yaml: network, train, validation, inference). `val` may be empty: then no
   validation, the last state is kept. With `synthetic`, a crop comes from a synthetic volume with probability
   synthetic_per_real / (1 + synthetic_per_real).
-- `predict(model, image) -> label map` (int64, the image's shape).
+- `predict(model, image) -> label map` (int64, the image's shape): the argmax of the sliding-window logits, then
+  predicted lesion components (26-connected) smaller than `model.min_lesion_voxels` go to the most likely
+  non-lesion class. That size is chosen after training on the validation cases among
+  `segmenter.inference.min_lesion_voxels` (the best validation score; ties: the smallest), as nnU-Net chooses
+  its post-processing; a few stray voxels on a lesion-free scan otherwise score that scan's lesion Dice 0.
 - `evaluate_dice(model, cases) -> {case_id: {class name: dice}}`: background excluded, the lesion classes first,
   NaN where a class is absent from both the prediction and the label map. `mean_per_class` averages it.
 - `save_segmenter(model, path, *, dataset_cfg, overwrite, train_cases)`; `load_segmenter(path, cfg, device)` reads
@@ -32,7 +36,7 @@ import torch
 from monai.losses import DiceCELoss
 from omegaconf import OmegaConf
 
-from dataset.attributes import lesion_classes
+from dataset.attributes import components, lesion_classes
 from dataset.crops import IMAGE_PAD_VALUE, pad_to_at_least, sample_crop, unpad
 from dataset.edit_labels import as_label_array
 from dataset.geometry import to_model_grid
@@ -117,6 +121,7 @@ class Settings:
     patience: int | None
     lesion_weight: float
     overlap: float
+    min_lesion_candidates: list[int]   # sizes (voxels) the validation cases choose the lesion size floor from
 
 
 def _class_indices(entries, names: list[str], key: str) -> list[int]:
@@ -185,7 +190,15 @@ def settings_from(cfg) -> Settings:
                                                                   int, 1),
         lesion_weight=_number(validation.lesion_weight, "validation.lesion_weight", float, 0.0, 1.0),
         overlap=_number(seg.inference.overlap, "inference.overlap", float, 0.0, 0.95),
+        min_lesion_candidates=_candidates(seg.inference.min_lesion_voxels),
     )
+
+
+def _candidates(values) -> list[int]:
+    entries = list(values) if OmegaConf.is_list(values) or isinstance(values, (list, tuple)) else [values]
+    if not entries or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in entries):
+        raise UserError(f"segmenter.inference.min_lesion_voxels: need a list of voxel counts >= 0, got {values}")
+    return sorted(set(int(v) for v in entries))
 
 
 @dataclass
@@ -200,6 +213,8 @@ class Segmenter:
     history: list[dict] = field(default_factory=list)   # validations: step, score, Dice per class
     seconds: float = 0.0                                # training wall time, validations included
     train_cases: list[str] | None = None                # read back from a saved file (None: not recorded)
+    min_lesion_voxels: int = 0                          # smaller predicted lesion components are removed
+    postprocessing: dict = field(default_factory=dict)  # validation score per candidate size, and the choice
 
 
 class CropSampler:
@@ -291,32 +306,83 @@ def train_segmenter(train: Sequence[Volume], val: Sequence[Volume], cfg, seed: i
                 break
     if best_state is not None:
         net.load_state_dict(best_state)
-    model.seconds = time.perf_counter() - started
     net.eval()
+    choose_min_lesion_voxels(model, val)
+    model.seconds = time.perf_counter() - started
     return model
 
 
+def choose_min_lesion_voxels(model: Segmenter, val: Sequence[Volume]) -> None:
+    """Sets `model.min_lesion_voxels` to the candidate size with the best validation score (ties and NaN scores:
+    the smallest; no validation cases or no lesion class: the smallest candidate) and records the scores."""
+    settings = model.settings
+    candidates = settings.min_lesion_candidates
+    model.min_lesion_voxels = candidates[0]
+    if not val or not settings.lesions or len(candidates) == 1:
+        model.postprocessing = {"min_lesion_voxels": model.min_lesion_voxels, "validation_scores": None}
+        return
+    per_size: dict[int, dict] = {size: {} for size in candidates}
+    for case in val:  # one network pass per case, every candidate scored on its logits
+        logits = sliding_logits(model, case.image)
+        for size in candidates:
+            per_size[size][case.name] = _named_dice(model, remove_small_lesions(logits, settings.lesions, size),
+                                                    case.label)
+    scores = {size: _score(mean_per_class(per_case), settings) for size, per_case in per_size.items()}
+    valid = {size: score for size, score in scores.items() if not math.isnan(score)}
+    if valid:
+        top = max(valid.values())
+        model.min_lesion_voxels = min(size for size, score in valid.items() if score == top)
+    model.postprocessing = {"min_lesion_voxels": model.min_lesion_voxels,
+                            "validation_scores": {str(k): v for k, v in scores.items()}}
+
+
 @torch.no_grad()
-def predict(model: Segmenter, image: np.ndarray) -> np.ndarray:
-    """Label map (int64) of an image on the model grid: overlapping windows of the training crop size, their
-    logits blended as every tiled network call is (`layers.tiling`)."""
+def sliding_logits(model: Segmenter, image: np.ndarray) -> torch.Tensor:
+    """Logits (classes, *image shape; CPU) of an image on the model grid: overlapping windows of the training crop
+    size, blended as every tiled network call is (`layers.tiling`)."""
     model.net.eval()
     crop = list(model.settings.crop_size)
     padded, pads = pad_to_at_least(np.asarray(image, dtype=np.float32), crop, IMAGE_PAD_VALUE)
     x = torch.from_numpy(np.ascontiguousarray(padded))[None, None]
     logits = tiled_apply(model.net, x, window=crop, overlap=model.settings.overlap, device=model.device,
                          tiles_per_call=INFERENCE_TILES_PER_CALL)
-    return unpad(logits.argmax(dim=1)[0], pads).cpu().numpy()
+    return unpad(logits[0], pads).float().cpu()
+
+
+def remove_small_lesions(logits: torch.Tensor, lesions: Sequence[int], min_voxels: int) -> np.ndarray:
+    """Argmax label map (int64) in which each lesion class's components (26-connected) of fewer than `min_voxels`
+    voxels take the most likely non-lesion class instead."""
+    labels = logits.argmax(dim=0).numpy()
+    if min_voxels <= 1 or not lesions:
+        return labels
+    small = np.zeros(labels.shape, dtype=bool)
+    for cls in lesions:
+        labelled, count = components(labels == cls)
+        if count:
+            too_small = np.bincount(labelled.ravel()) < min_voxels
+            too_small[0] = False
+            small |= too_small[labelled]
+    if small.any():
+        others = logits[:, torch.from_numpy(small)].clone()
+        others[list(lesions)] = -math.inf
+        labels[small] = others.argmax(dim=0).numpy()
+    return labels
+
+
+def predict(model: Segmenter, image: np.ndarray) -> np.ndarray:
+    """Label map (int64) of an image on the model grid (see the module text)."""
+    return remove_small_lesions(sliding_logits(model, image), model.settings.lesions, model.min_lesion_voxels)
+
+
+def _named_dice(model: Segmenter, prediction: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    names = model.settings.class_names
+    dice = dice_per_class(prediction, label, len(names))
+    return {names[c]: dice[c] for c in model.settings.report_order}
 
 
 def evaluate_dice(model: Segmenter, cases: Sequence[Volume]) -> dict[str, dict[str, float]]:
     """{case: {class name: Dice}} for the foreground classes, the lesion classes first."""
-    names, label_nc = model.settings.class_names, len(model.settings.class_names)
-    results = {}
-    for case in cases:
-        dice = dice_per_class(predict(model, case.image), case.label, label_nc)
-        results[case.name] = {names[c]: dice[c] for c in model.settings.report_order}
-    return results
+    return {case.name: _named_dice(model, predict(model, case.image), case.label) for case in cases}
 
 
 def mean_per_class(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -344,6 +410,7 @@ def save_segmenter(model: Segmenter, path: Path, *, dataset_cfg, overwrite: bool
         "train_cases": list(train_cases),
         "steps": model.steps,
         "best_step": model.best_step,
+        "min_lesion_voxels": model.min_lesion_voxels,
     }
     with atomic_path(path, overwrite) as tmp:
         torch.save(payload, tmp)
@@ -373,5 +440,7 @@ def load_segmenter(path, cfg, device: torch.device) -> Segmenter:
         net = segmenter_network(saved, path)
     except WeightsUnavailable as err:
         raise UserError(str(err)) from None
+    size = int(saved.get("min_lesion_voxels", 0))  # files written before the post-processing existed: none
     return Segmenter(net.to(device).eval(), settings, device, steps=int(saved.get("steps", 0)),
-                     best_step=saved.get("best_step"), train_cases=saved.get("train_cases"))
+                     best_step=saved.get("best_step"), train_cases=saved.get("train_cases"),
+                     min_lesion_voxels=size, postprocessing={"min_lesion_voxels": size, "chosen": "when the file was trained"})

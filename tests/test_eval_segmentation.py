@@ -20,11 +20,14 @@ from dataset.validate import validate_dataset
 from evaluation.evaluate import run as run_evaluate
 from evaluation.segmenter import (
     CropSampler,
+    Segmenter,
     Volume,
     _lr_factor,
+    choose_min_lesion_voxels,
     evaluate_dice,
     load_segmenter,
     predict,
+    remove_small_lesions,
     settings_from,
     train_segmenter,
 )
@@ -99,7 +102,8 @@ def test_training_keeps_the_best_validation_state_and_stops_after_patience(one_t
     train = [_toy(f"t{i}", i) for i in range(3)]
     val = [_toy("v0", 10), _toy("v1", 11, spots=False)]
     cfg = _cfg(["segmenter.train.max_steps=40", "segmenter.validation.every_n_steps=10",
-                "segmenter.validation.patience=null", "segmenter.train.lr=0.02"])
+                "segmenter.validation.patience=null", "segmenter.train.lr=0.02",
+                "segmenter.inference.min_lesion_voxels=0"])  # Dice as validated: no post-processing
     model = train_segmenter(train, val, cfg, seed=0)
     assert [h["step"] for h in model.history] == [10, 20, 30, 40] and model.steps == 40
     scores = [h["score"] for h in model.history]
@@ -120,12 +124,75 @@ def test_training_keeps_the_best_validation_state_and_stops_after_patience(one_t
     assert predict(no_val, val[0].image).shape == val[0].image.shape
 
 
+class _Oracle(torch.nn.Module):
+    """Logits -(x - c)^2 for class c: the argmax is the class whose index the image holds."""
+
+    def __init__(self, label_nc: int):
+        super().__init__()
+        self.label_nc = label_nc
+
+    def forward(self, x):
+        return torch.cat([-(x - c) ** 2 for c in range(self.label_nc)], dim=1)
+
+
+def _oracle_case(name, label, prediction):
+    """A case whose image makes the oracle predict `prediction` (class indices as intensities)."""
+    return Volume(name, prediction.astype(np.float32), label)
+
+
+def test_small_lesion_components_take_the_most_likely_other_class():
+    labels = np.zeros((16, 16, 8), dtype=np.int64)
+    labels[2:8, 2:8, 1:5] = 2     # a lesion of 144 voxels
+    labels[12:14, 12:14, 6] = 2   # a speck of 4
+    labels[10, 2, 2] = 2          # a single voxel
+    logits = _Oracle(3)(torch.from_numpy(labels.astype(np.float32))[None, None])[0]
+    logits[0, 12:14, 12:14, 6] = -0.5  # at the speck, background is more likely than tissue
+    assert np.array_equal(remove_small_lesions(logits, [2], 0), labels)
+    expected = labels.copy()
+    expected[10, 2, 2] = 1  # below 4 voxels: only the single voxel goes, to tissue (the oracle's next class)
+    assert np.array_equal(remove_small_lesions(logits, [2], 4), expected)
+    out = remove_small_lesions(logits, [2], 5)
+    assert (out[2:8, 2:8, 1:5] == 2).all() and (out == 2).sum() == 144  # the large lesion stays
+    assert (out[12:14, 12:14, 6] == 0).all() and out[10, 2, 2] == 1     # each to its next most likely class
+    assert np.array_equal(remove_small_lesions(logits, [], 100), logits.argmax(0).numpy())  # no lesion class
+
+
+def test_the_validation_cases_choose_the_lesion_size_floor():
+    cfg = _cfg(["segmenter.inference.min_lesion_voxels=[0,4,8,64]"])
+    settings = settings_from(cfg)
+    model = Segmenter(_Oracle(3), settings, torch.device("cpu"))
+    lesion = np.zeros((16, 16, 8), dtype=np.int64)
+    lesion[1:15, 1:15, :] = 1
+    lesion[2:5, 2:5, 2:5] = 2                        # a true lesion of 27 voxels
+    with_speck = lesion.copy()
+    with_speck[12:14, 12:14, 6] = 2                  # a false positive of 4 voxels
+    clean = np.where(lesion == 2, 1, lesion)         # a lesion-free case
+    stray = clean.copy()
+    stray[10:12, 10:13, 3] = 2                       # a false positive of 6 voxels
+    val = [_oracle_case("a", lesion, with_speck), _oracle_case("b", clean, stray)]
+    choose_min_lesion_voxels(model, val)
+    scores = model.postprocessing["validation_scores"]
+    # 0 and 4 keep both false positives, 64 removes the true lesion too, 8 removes just the false positives
+    assert model.min_lesion_voxels == 8 and max(scores, key=scores.get) == "8"
+    assert scores["8"] == pytest.approx(1.0) and scores["0"] == scores["4"] < scores["8"]
+    assert evaluate_dice(model, val)["a"]["spot"] == 1.0 and np.isnan(evaluate_dice(model, val)["b"]["spot"])
+    assert (predict(model, stray) == clean).all()
+    tied = Segmenter(_Oracle(3), settings_from(_cfg(["segmenter.inference.min_lesion_voxels=[16,8]"])),
+                     torch.device("cpu"))
+    choose_min_lesion_voxels(tied, val)
+    assert tied.min_lesion_voxels == 8  # 8 and 16 score alike: the smallest
+    choose_min_lesion_voxels(tied, [])
+    assert tied.min_lesion_voxels == 8 and tied.postprocessing["validation_scores"] is None
+
+
 @pytest.mark.parametrize("override, message", [
     ("segmenter.train.crop_classes=[cortex]", "crop_classes"),
     ("segmenter.train.class_crop_fraction=1.5", "class_crop_fraction"),
     ("segmenter.validation.every_n_steps=0", "every_n_steps"),
     ("segmenter.train.crop_size=[16,16]", "crop_size"),
     ("segmenter.train.lr_schedule=linear", "lr_schedule"),
+    ("segmenter.inference.min_lesion_voxels=[4,-1]", "min_lesion_voxels"),
+    ("segmenter.inference.min_lesion_voxels=[]", "min_lesion_voxels"),
 ])
 def test_bad_segmenter_settings_are_user_errors(override, message):
     with pytest.raises(UserError, match=f"segmenter.*{message}"):
@@ -207,7 +274,8 @@ def test_segmentation_cli_on_phantoms(tmp_path, monkeypatch, one_thread):
     assert trained_on == [split["train"]]  # nothing trained the second time
     report_again = json.loads((tmp_path / "again" / "segmentation.json").read_text())
     again = report_again["metrics"]
-    assert again["dice_real_test"]["per_class"] == real["per_class"]
+    assert again["dice_real_test"]["per_class"] == real["per_class"]  # with the lesion size floor it chose
+    assert again["training"]["postprocessing"]["min_lesion_voxels"] == training["postprocessing"]["min_lesion_voxels"]
     assert report_again["settings"]["n_generated"] == 2 and again["dice_generated"]["n"] == 2
     for name, value in real["per_class"].items():
         assert again["dice_generated"]["per_class"][name] == pytest.approx(value, abs=1e-12)
