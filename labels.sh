@@ -19,24 +19,10 @@
 #SBATCH --requeue
 set -euo pipefail
 
-# Under sbatch this file runs from a copy in Slurm's spool directory: find the project through the job record.
-project_root() {
-    local here
-    here=$(dirname "${BASH_SOURCE[0]}")
-    if [[ -f $here/train/launch.sh ]]; then
-        cd "$here" && pwd
-    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
-        dirname "$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p')"
-    fi
-}
-root=$(project_root)
-if [[ ! -f ${root:-.}/train/launch.sh ]]; then
-    root=${SLURM_SUBMIT_DIR:-.}
-fi
-if [[ ! -f $root/train/launch.sh ]]; then
-    echo "error: cannot find the project (train/launch.sh); submit from the project directory" >&2
-    exit 2
-fi
+# Under sbatch this file runs from a copy in Slurm's spool directory: the job record names the original.
+here=$(dirname "${BASH_SOURCE[0]}")
+[[ -f $here/train/launch.sh || -z ${SLURM_JOB_ID:-} ]] ||
+    here=$(dirname "$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p')")
 # shellcheck source=train/launch.sh
-source "$root/train/launch.sh"
+source "$here/train/launch.sh"
 launch_stage train.train_labels "$@"

@@ -3,8 +3,8 @@
 Labels: 0 background, 1 CSF/other (inside the brain envelope where neither grey nor white matter dominates; no CSF
 map ships offline), 2 grey matter, 3 white matter, 4 lesion. Each subject is the template under its own global
 shape (per-axis scale, rotation about every axis, a left-right asymmetry: each hemisphere scaled on its own in
-width and length) and a smooth random deformation, with its own tissue contrast, a multiplicative bias field and
-Rician noise, in arbitrary MR units (int16), on the configured spacing.
+width and length) and a smooth random deformation (`dataset.demo_warp`), with its own tissue contrast, a
+multiplicative bias field and Rician noise, in arbitrary MR units (int16), on the configured spacing.
 
 Lesions (`dataset.demo.lesions`): a random number per subject, each with a random host tissue (white or grey
 matter; the lesion is clipped to its host, so it lies inside it), an equivalent radius, a shape (a randomly
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from dataset.demo_warp import sampling_coordinates, smooth_noise
 from dataset.geometry import to_model_grid
 from dataset.io import load_nifti, save_nifti, strip_nifti_suffix
 from utils.atomic import atomic_path
@@ -43,11 +44,6 @@ LESION = 4
 HOSTS = {"grey_matter": 2, "white_matter": 3}
 SHAPES = ("ellipsoid", "lumpy")
 APPEARANCES = ("homogeneous", "ring")
-MAX_DISPLACEMENT_MM = 10.0      # smooth deformation, at most one cycle per field of view
-SCALE_RANGE = 0.12              # per-axis scale in 1 +- SCALE_RANGE
-ROTATION_DEG = 12.0             # about each axis
-ASYMMETRY = 0.06                # each hemisphere's width and length scaled by 1 +- ASYMMETRY on its own
-HEMISPHERE_BLEND_MM = 10.0      # width of the smooth step between the hemispheres' scalings
 RING_MIN_RADIUS_MM = 6.0        # a ring needs room for a rim and a core
 RING_CORE = 0.55                # core: inside this fraction of the lesion's radius
 LESION_BRIGHTNESS = (1.2, 1.45)  # homogeneous lesions and ring rims, relative to the median white matter
@@ -139,48 +135,6 @@ def _load_templates(spacing: tuple[float, float, float]) -> tuple[dict[str, np.n
     return maps, affine
 
 
-def _smooth_noise(rng: np.random.Generator, shape, max_cycles: float = 1.0, n_waves: int = 8) -> np.ndarray:
-    """Smooth random field in [-1, 1]: a sum of random plane waves of at most `max_cycles` per field of view
-    (each wave a separable product of complex exponentials, so the sum is one einsum)."""
-    frequency = rng.uniform(-max_cycles, max_cycles, size=(n_waves, 3)) * 2 * np.pi
-    weight = rng.normal(size=n_waves) * np.exp(1j * rng.uniform(0, 2 * np.pi, size=n_waves))
-    waves = [np.exp(1j * frequency[:, axis, None] * np.linspace(0.0, 1.0, n)[None]).astype(np.complex64)
-             for axis, n in enumerate(shape)]
-    field = np.einsum("w,wi,wj,wk->ijk", weight.astype(np.complex64), *waves, optimize=True).real
-    return (field / max(1e-6, float(np.abs(field).max()))).astype(np.float32)
-
-
-def _rotation(angles_rad) -> np.ndarray:
-    """Rotation about X, then Y, then Z."""
-    matrix = np.eye(3)
-    for axis, angle in enumerate(angles_rad):
-        i, j = [a for a in range(3) if a != axis]
-        step = np.eye(3)
-        step[i, i] = step[j, j] = np.cos(angle)
-        step[i, j], step[j, i] = -np.sin(angle), np.sin(angle)
-        matrix = step @ matrix
-    return matrix
-
-
-def _sampling_coordinates(rng: np.random.Generator, shape, spacing) -> np.ndarray:
-    """Voxel coordinates to sample the template at: each hemisphere's own width and length scaling, a global
-    per-axis scale and rotation, plus a smooth displacement."""
-    spacing = np.asarray(spacing, dtype=np.float32)
-    centre = (np.asarray(shape, dtype=np.float32) - 1) / 2
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
-    offsets = grid - centre[:, None, None, None]
-    side = np.tanh(offsets[0] * spacing[0] / HEMISPHERE_BLEND_MM)  # -1 one hemisphere, +1 the other
-    width, length = rng.uniform(-ASYMMETRY, ASYMMETRY, size=2)
-    offsets[0] *= 1.0 + width * side
-    offsets[1] *= 1.0 + length * side
-    matrix = _rotation(np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, size=3))) @ np.diag(
-        rng.uniform(1.0 - SCALE_RANGE, 1.0 + SCALE_RANGE, size=3))
-    coords = np.einsum("ij,j...->i...", matrix.astype(np.float32), offsets) + centre[:, None, None, None]
-    for axis in range(3):
-        coords[axis] += _smooth_noise(rng, shape) * MAX_DISPLACEMENT_MM / float(spacing[axis])
-    return coords
-
-
 def plan_lesions(rng: np.random.Generator, settings: Mapping) -> list[Lesion]:
     """The lesions of one subject (the first draws of its lesion generator)."""
     low, high = settings["radius_mm"]
@@ -203,7 +157,7 @@ def _lesion_distance(rng: np.random.Generator, lesion: Lesion, offsets_mm: np.nd
     local = np.einsum("ji,j...->i...", orientation, offsets_mm) / semi_axes[:, None, None, None]
     distance = np.sqrt((local ** 2).sum(axis=0))
     if lesion.shape == "lumpy":
-        distance = distance * (1.0 + 0.35 * _smooth_noise(rng, distance.shape, max_cycles=1.5))
+        distance = distance * (1.0 + 0.35 * smooth_noise(rng, distance.shape, max_cycles=1.5))
     return distance
 
 
@@ -245,7 +199,7 @@ def make_subject(templates: Mapping[str, np.ndarray], spacing, rngs, lesion_cfg:
     """One synthetic subject from its (anatomy, lesions) generators (`subject_rngs`)."""
     anatomy_rng, lesion_rng = rngs
     shape = templates["t1"].shape
-    coords = _sampling_coordinates(anatomy_rng, shape, spacing)
+    coords = sampling_coordinates(anatomy_rng, shape, spacing)
     warped = {k: ndimage.map_coordinates(v, coords, order=1, mode="constant", cval=0.0)
               for k, v in templates.items()}
     envelope = ndimage.binary_fill_holes((warped["t1"] > 0.2) | (warped["gm"] + warped["wm"] > 0.2))
@@ -274,7 +228,7 @@ def make_subject(templates: Mapping[str, np.ndarray], spacing, rngs, lesion_cfg:
         weight[lesion] = 1.0
         t1 = t1 * (1.0 - weight) + value[tuple(nearest)] * weight
 
-    bias = np.exp(0.15 * _smooth_noise(anatomy_rng, shape, max_cycles=0.6))
+    bias = np.exp(0.15 * smooth_noise(anatomy_rng, shape, max_cycles=0.6))
     gain = anatomy_rng.uniform(600.0, 1000.0)
     clean = t1 * bias * gain
     sigma = 0.02 * gain

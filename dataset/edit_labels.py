@@ -23,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
 from dataset.io import is_nifti_name, load_nifti, save_nifti, smallest_label_dtype
+from dataset.label_masks import (CONNECTIVITY_RANK, bounding_box, box_grid, connectivity_structure, host_class,
+                                 mask_from_coords)
 from utils.atomic import check_writable
 from utils.errors import UserError, exit_on_user_error
 
 OPS = ("move", "scale", "insert", "remove")
 SHAPES = ("ellipsoid", "blob")
-CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy structuring-element rank
 ROUND_EPS = 1e-9  # nearest-neighbour rounding: makes exact half-voxel ties immune to floating-point noise
 BLOB_BUMPS = 8
 
@@ -124,44 +125,13 @@ def offset_to_voxels(affine: np.ndarray, offset_mm) -> np.ndarray:
     return np.floor(shift + 0.5 + ROUND_EPS).astype(np.int64)
 
 
-def _structure(connectivity: int) -> np.ndarray:
-    return ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
-
-
-def _box_grid(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """All integer voxel coordinates in [start, stop] (inclusive, may leave the volume), shape (N, 3)."""
-    axes = [np.arange(a, b + 1, dtype=np.int64) for a, b in zip(start, stop)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-
-
-def _mask_from_coords(coords: np.ndarray, shape: tuple[int, ...], class_index: int, what: str,
-                      source: str) -> np.ndarray:
-    if len(coords) == 0:
-        raise UserError(f"{source}: the {what} lesion of class {class_index} would be empty (smaller than a voxel)")
-    outside = np.any((coords < 0) | (coords >= np.asarray(shape)), axis=1)
-    if outside.any():
-        raise UserError(f"{source}: the {what} lesion of class {class_index} would leave the volume "
-                        f"({int(outside.sum())} of {len(coords)} voxels outside shape {'x'.join(map(str, shape))})")
-    mask = np.zeros(shape, dtype=bool)
-    mask[tuple(coords.T)] = True
-    return mask
-
-
-def _bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + 1 + margin))
-    return tuple(box)
-
-
 def select_component(labels: np.ndarray, class_index: int, options: EditOptions, source: str) -> np.ndarray:
     """Boolean mask of the chosen connected component of `class_index`."""
     present = labels == class_index
     if not present.any():
         raise UserError(f"{source}: class {class_index} is not present in the label map")
-    box = _bounding_box(present)  # label only the class's bounding box: whole CT volumes stay fast
-    local, count = ndimage.label(present[box], structure=_structure(options.connectivity))
+    box = bounding_box(present)  # label only the class's bounding box: whole CT volumes stay fast
+    local, count = ndimage.label(present[box], structure=connectivity_structure(options.connectivity))
     components = np.zeros(labels.shape, dtype=local.dtype)
     components[box] = local
     if options.at is not None:
@@ -181,19 +151,6 @@ def select_component(labels: np.ndarray, class_index: int, options: EditOptions,
     sizes = np.bincount(local.ravel())[1:]
     order = np.argsort(-sizes, kind="stable")  # largest first; ties keep scan order, so the choice is stable
     return components == order[index] + 1
-
-
-def host_class(labels: np.ndarray, mask: np.ndarray, class_index: int, connectivity: int, source: str) -> int:
-    """The most common label (other than `class_index`) in the one-voxel shell around `mask`."""
-    box = _bounding_box(mask, margin=1)
-    local = mask[box]
-    shell = ndimage.binary_dilation(local, structure=_structure(connectivity)) & ~local
-    around = labels[box][shell]
-    around = around[around != class_index]
-    if around.size == 0:
-        raise UserError(f"{source}: class {class_index} has no neighbouring class to fill with; set fill_class")
-    values, counts = np.unique(around, return_counts=True)
-    return int(values[np.argmax(counts)])
 
 
 def check_placement(under: np.ndarray, class_index: int, host_classes: Sequence[int], options: EditOptions,
@@ -242,7 +199,7 @@ def move_component(labels: np.ndarray, affine: np.ndarray, class_index: int, *, 
     applied = np.asarray(affine, dtype=np.float64)[:3, :3] @ shift
 
     def moved(component):
-        return _mask_from_coords(np.argwhere(component) + shift, labels.shape, class_index, "moved", source)
+        return mask_from_coords(np.argwhere(component) + shift, labels.shape, class_index, "moved", source)
 
     return _relocate(labels, affine, class_index, mask, moved, "move", "moved", options, source,
                      f"shift {shift.tolist()} voxels = {np.round(applied, 2).tolist()} mm")
@@ -266,12 +223,12 @@ def scale_component(labels: np.ndarray, affine: np.ndarray, class_index: int, *,
         centroid = coords.mean(axis=0)
         corners = np.array(list(itertools.product(*zip(coords.min(0) - 0.5, coords.max(0) + 0.5))))
         mapped = (corners - centroid) @ forward.T + centroid
-        grid = _box_grid(np.floor(mapped.min(0)).astype(np.int64), np.ceil(mapped.max(0)).astype(np.int64))
+        grid = box_grid(np.floor(mapped.min(0)).astype(np.int64), np.ceil(mapped.max(0)).astype(np.int64))
         src = np.floor((grid - centroid) @ inverse.T + centroid + 0.5 + ROUND_EPS).astype(np.int64)
         valid = np.all((src >= 0) & (src < np.asarray(labels.shape)), axis=1)
         hit = np.zeros(len(grid), dtype=bool)
         hit[valid] = component[tuple(src[valid].T)]
-        return _mask_from_coords(grid[hit], labels.shape, class_index, "scaled", source)
+        return mask_from_coords(grid[hit], labels.shape, class_index, "scaled", source)
 
     return _relocate(labels, affine, class_index, mask, scaled, "scale", "scaled", options, source,
                      f"factor {np.round(factors, 3).tolist()}")
@@ -306,7 +263,7 @@ def insert_lesion(labels: np.ndarray, affine: np.ndarray, class_index: int, *, r
     reach = radii * (1.0 + amplitude if shape == "blob" else 1.0)
     corners = center + np.array(list(itertools.product([-1, 1], repeat=3))) * reach
     corner_vox = np.linalg.solve(affine[:3, :3], (corners - affine[:3, 3]).T).T
-    grid = _box_grid(np.floor(corner_vox.min(0)).astype(np.int64) - 1, np.ceil(corner_vox.max(0)).astype(np.int64) + 1)
+    grid = box_grid(np.floor(corner_vox.min(0)).astype(np.int64) - 1, np.ceil(corner_vox.max(0)).astype(np.int64) + 1)
     relative = (grid @ affine[:3, :3].T + affine[:3, 3] - center) / radii
     distance = np.linalg.norm(relative, axis=1)
     if shape == "ellipsoid":
@@ -314,7 +271,7 @@ def insert_lesion(labels: np.ndarray, affine: np.ndarray, class_index: int, *, r
     else:
         directions = relative / np.maximum(distance, 1e-12)[:, None]
         inside = distance <= _blob_radius(directions, _int(seed, "seed"), amplitude)
-    new_mask = _mask_from_coords(grid[inside], labels.shape, class_index, "inserted", source)
+    new_mask = mask_from_coords(grid[inside], labels.shape, class_index, "inserted", source)
     if options.host_classes is None:
         center_voxel = np.linalg.solve(affine[:3, :3], center - affine[:3, 3])
         center_voxel = np.clip(np.floor(center_voxel + 0.5).astype(np.int64), 0, np.asarray(labels.shape) - 1)

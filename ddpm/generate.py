@@ -36,7 +36,8 @@ from dataset.io import save_nifti
 from dataset.layout import LAYOUT_FOLDERS
 from dataset.validate import class_names
 from ddpm.checkpoint import file_sha256, load_diffusion
-from ddpm.label_generator import attribute_vector, grid_affine, load_label_generator
+from ddpm.label_checkpoint import load_label_generator
+from ddpm.label_generator import attribute_vector, grid_affine
 from ddpm.sample import resolve_device, sampler_settings, versions
 from ddpm.synthesis import GIB, Synthesizer
 from ddpm.windowed import parse_window

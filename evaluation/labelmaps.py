@@ -9,13 +9,13 @@ set config. Every map is read in RAS order (exact axis permutation/flip); counts
   correlation, median absolute error in mL), the share of maps with the requested component count, and the median
   distance in mm between requested and measured centroid (normalised body coordinates scaled by the fake map's
   body box);
-- plausibility, real and fake: components per class (26-connectivity), holes per class (cavities: components of
-  everything else, 6-connected, that do not reach the outside of the class's bounding box), speckle (components
-  smaller than `speckle_voxels`), the share of lesion voxels inside their host classes (a lesion voxel's host is
-  the class of its nearest non-lesion voxel, i.e. what the lesion replaced; the host classes are `host_classes` or
-  the classes hosting at least `host_min_share` of the training lesion voxels) and the class adjacency matrix
-  (the share of all face-neighbour voxel pairs of two different classes that fall on each class pair; off the
-  diagonal, summing to 1 over pairs) with the L1 distance fake vs real over class pairs (0 to 2);
+- plausibility (`evaluation.label_plausibility`), real and fake: components per class (26-connectivity), holes per
+  class (cavities: components of everything else, 6-connected, that do not reach the outside of the class's bounding
+  box), speckle (components smaller than `speckle_voxels`), the share of lesion voxels inside their host classes (a
+  lesion voxel's host is the class of its nearest non-lesion voxel, i.e. what the lesion replaced; the host classes
+  are `host_classes` or the classes hosting at least `host_min_share` of the training lesion voxels) and the class
+  adjacency matrix (the share of all face-neighbour voxel pairs of two different classes that fall on each class
+  pair; off the diagonal, summing to 1 over pairs) with the L1 distance fake vs real over class pairs (0 to 2);
 - distribution: per-class volume (mL) histograms fake vs real, the two-sample Kolmogorov-Smirnov statistic (0 to 1)
   and the Wasserstein-1 distance in mL per class; the summary is the mean KS statistic over foreground classes;
 - novelty: each fake map's nearest training map by mean foreground Dice (classes present in either map). Maps are
@@ -35,15 +35,17 @@ from pathlib import Path
 import hydra
 import numpy as np
 from omegaconf import DictConfig
-from scipy import ndimage, stats
+from scipy import stats
 from tqdm import tqdm
 
-from dataset.attributes import body_box, components, lesion_classes, measure, read_requested_csv
+from dataset.attributes import body_box, lesion_classes, measure, read_requested_csv
 from dataset.geometry import to_model_grid, voxel_spacing
 from dataset.io import load_nifti
 from dataset.validate import class_names as dataset_class_names
 from dataset.validate import resolve_class
 from evaluation import figures
+from evaluation.label_plausibility import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes,
+                                          count_holes, host_counts)
 from evaluation.memorization import leave_one_out, nearest
 from evaluation.metrics import dice_per_class, mean_dice
 from evaluation.pairing import list_nifti, refuse_same_data
@@ -51,9 +53,6 @@ from evaluation.report import print_summary, skipped, write_csv, write_json
 from evaluation.volumes import to_canonical
 from utils.atomic import check_writable
 from utils.errors import UserError, exit_on_user_error
-
-HOLE_STRUCTURE = ndimage.generate_binary_structure(3, 1)  # cavities: 6-connectivity (dual of 26 for the class)
-HOST_MARGIN = 3  # voxels around a lesion's bounding box searched for its nearest non-lesion voxel
 
 
 @dataclass
@@ -97,63 +96,6 @@ def real_paths(cfg: DictConfig) -> dict[str, Path]:
 
 
 # plausibility ------------------------------------------------------------------------------------------------
-def count_holes(mask: np.ndarray) -> int:
-    """Cavities of a class: 6-connected components of the other voxels enclosed by it (not reaching the outside
-    of its bounding box; the box is padded by one voxel so the outside is one connected shell)."""
-    hits = np.nonzero(mask)
-    if not hits[0].size:
-        return 0
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in hits)
-    inside = ~np.pad(mask[box], 1)
-    labelled, count = ndimage.label(inside, structure=HOLE_STRUCTURE)
-    outside = labelled[0, 0, 0]
-    return int(count - (outside > 0))
-
-
-def component_sizes(mask: np.ndarray) -> np.ndarray:
-    labelled, count = components(mask)
-    return np.bincount(labelled.ravel(), minlength=count + 1)[1:]
-
-
-def adjacency_counts(label: np.ndarray, label_nc: int) -> np.ndarray:
-    """Symmetric (label_nc, label_nc) counts of face-neighbour voxel pairs of two different classes."""
-    counts = np.zeros(label_nc * label_nc, np.int64)
-    for axis in range(label.ndim):
-        a = np.take(label, np.arange(label.shape[axis] - 1), axis=axis)
-        b = np.take(label, np.arange(1, label.shape[axis]), axis=axis)
-        differ = a != b
-        counts += np.bincount(a[differ] * label_nc + b[differ], minlength=label_nc * label_nc)
-    matrix = counts.reshape(label_nc, label_nc)
-    return matrix + matrix.T
-
-
-def adjacency_fractions(counts: np.ndarray) -> np.ndarray:
-    """Counts -> shares of all different-class face pairs (each unordered pair's share in both [a, b] and [b, a],
-    so the upper triangle sums to 1)."""
-    total = np.triu(counts, 1).sum()
-    return counts / total if total else counts.astype(np.float64)
-
-
-def adjacency_l1(a: np.ndarray, b: np.ndarray) -> float:
-    upper = np.triu_indices(a.shape[0], 1)
-    return float(np.abs(a[upper] - b[upper]).sum())
-
-
-def host_counts(label: np.ndarray, lesion: int, spacing, label_nc: int) -> np.ndarray:
-    """Voxels of class `lesion` per host class (the class of each lesion voxel's nearest non-lesion voxel)."""
-    mask = label == lesion
-    hits = np.nonzero(mask)
-    if not hits[0].size:
-        return np.zeros(label_nc, np.int64)
-    box = tuple(slice(max(0, int(a.min()) - HOST_MARGIN), int(a.max()) + 1 + HOST_MARGIN) for a in hits)
-    crop, inside = label[box], mask[box]
-    if inside.all():  # the lesion fills the volume: nothing hosts it
-        return np.zeros(label_nc, np.int64)
-    indices = ndimage.distance_transform_edt(inside, sampling=spacing, return_distances=False, return_indices=True)
-    hosts = crop[tuple(index[inside] for index in indices)]
-    return np.bincount(hosts, minlength=label_nc)
-
-
 def map_plausibility(item: LabelMap, label_nc: int, speckle_voxels: int, lesions: dict[str, int]) -> dict:
     per_class = {}
     for cls in range(1, label_nc):
@@ -333,6 +275,15 @@ def write_figures(outputs: dict, volumes: tuple, summaries: tuple, nearest: tupl
                                         path=outputs["novelty"], overwrite=overwrite)
 
 
+def run_settings(cfg: DictConfig, names: list[str], lesions, speckle_voxels: int, spacing: list[float]) -> dict:
+    """What `labelmaps.json` records of the run's inputs and settings."""
+    return {"real": str(cfg.real) if cfg.real is not None else f"training split of dataset={cfg.dataset.name}",
+            "fake": str(cfg.fake), "class_names": names, "lesion_classes": list(lesions),
+            "requested": None if cfg.requested is None else str(cfg.requested),
+            "speckle_voxels": speckle_voxels, "grid_spacing_mm": spacing,
+            "connectivity": "components 26-connected; holes 6-connected; adjacency face pairs"}
+
+
 def run(cfg: DictConfig) -> dict:
     out = Path(str(cfg.out))
     outputs = {"json": out / "labelmaps.json", "csv": out / "per_case.csv",
@@ -381,12 +332,8 @@ def run(cfg: DictConfig) -> dict:
                     "reference_train_nearest_median": float(np.median(reference)),
                     "copy_threshold": threshold, "n_flagged": len(flagged), "flagged": flagged},
     }
-    report = {"settings": {"real": str(cfg.real) if cfg.real is not None else f"training split of "
-                           f"dataset={cfg.dataset.name}", "fake": str(cfg.fake), "n_real": len(real),
-                           "n_fake": len(fake), "class_names": names, "lesion_classes": list(lesions),
-                           "requested": None if cfg.requested is None else str(cfg.requested),
-                           "speckle_voxels": speckle_voxels, "grid_spacing_mm": spacing,
-                           "connectivity": "components 26-connected; holes 6-connected; adjacency face pairs"},
+    report = {"settings": {**run_settings(cfg, names, lesions, speckle_voxels, spacing), "n_real": len(real),
+                           "n_fake": len(fake)},
               "results": results}
     nearest = [real_stems[i] for i in index]
     write_json(report, outputs["json"], overwrite)

@@ -139,7 +139,8 @@ def reused_segmenter(cfg, split: dict, device):
 
 def training_record(model) -> dict:
     return {"steps": model.steps, "best_step": model.best_step, "seconds": round(model.seconds, 1),
-            "validations": model.history, "postprocessing": model.postprocessing}
+            "validations": model.history,
+            "postprocessing": {"min_lesion_voxels": model.min_lesion_voxels, **model.postprocessing}}
 
 
 def run(cfg: DictConfig) -> dict:

@@ -36,7 +36,7 @@ import torch
 from monai.losses import DiceCELoss
 from omegaconf import OmegaConf
 
-from dataset.attributes import components, lesion_classes
+from dataset.attributes import components
 from dataset.crops import IMAGE_PAD_VALUE, pad_to_at_least, sample_crop, unpad
 from dataset.edit_labels import as_label_array
 from dataset.geometry import to_model_grid
@@ -46,6 +46,7 @@ from dataset.validate import class_names as dataset_class_names
 from evaluation.features import (SEGMENTER_KIND, WeightsUnavailable, build_segmenter, load_segmenter_file,
                                  segmenter_network)
 from evaluation.metrics import dice_per_class
+from evaluation.segmenter_settings import Settings, settings_from
 from layers.tiling import tiled_apply
 from utils.atomic import atomic_path
 from utils.errors import UserError
@@ -94,57 +95,7 @@ def preprocess_pair(path: Path, label_path: Path, dataset_cfg) -> Volume:
     return preprocess_synthetic(path, label, raw.shape, dataset_cfg)
 
 
-def network_settings(network_cfg, label_nc: int) -> dict:
-    return {"label_nc": int(label_nc), "channels": [int(c) for c in network_cfg.channels],
-            "strides": [int(s) for s in network_cfg.strides], "num_res_units": int(network_cfg.num_res_units),
-            "dropout": float(network_cfg.dropout)}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything `train_segmenter` reads from the config, checked."""
-
-    network: dict
-    class_names: list[str]
-    report_order: list[int]      # foreground classes, the lesion classes first
-    lesions: list[int]
-    crop_size: list[int]
-    max_steps: int
-    batch_size: int
-    lr: float
-    lr_schedule: str
-    class_crop_fraction: float
-    crop_classes: list[int]
-    dice_weight: float
-    ce_weight: float
-    every_n_steps: int
-    patience: int | None
-    lesion_weight: float
-    overlap: float
-    min_lesion_candidates: list[int]   # sizes (voxels) the validation cases choose the lesion size floor from
-
-
-def _class_indices(entries, names: list[str], key: str) -> list[int]:
-    indices = []
-    for entry in entries:
-        if isinstance(entry, str) and entry in names[1:]:
-            indices.append(names.index(entry))
-        elif isinstance(entry, int) and not isinstance(entry, bool) and 1 <= entry < len(names):
-            indices.append(int(entry))
-        else:
-            raise UserError(f"segmenter.train.{key}: {entry!r} is not a foreground class of dataset.class_names "
-                            f"({', '.join(names[1:])})")
-    return sorted(set(indices))
-
-
-LR_SCHEDULES = ("constant", "cosine")
 INFERENCE_TILES_PER_CALL = 8  # sliding-window tiles per network call: ~2x faster inference on a CPU than 1
-
-
-def _schedule(name) -> str:
-    if str(name) not in LR_SCHEDULES:
-        raise UserError(f"segmenter.train.lr_schedule: use {' or '.join(LR_SCHEDULES)}, got {name!r}")
-    return str(name)
 
 
 def _lr_factor(settings: Settings):
@@ -152,53 +103,6 @@ def _lr_factor(settings: Settings):
     if settings.lr_schedule == "constant":
         return lambda step: 1.0
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, settings.max_steps) / settings.max_steps))
-
-
-def _number(value, key: str, kind, low, high=math.inf):
-    number = kind(value)
-    if not low <= number <= high:
-        raise UserError(f"segmenter.{key}: must lie in [{low}, {high}], got {value}")
-    return number
-
-
-def settings_from(cfg) -> Settings:
-    names = dataset_class_names(cfg.dataset)
-    lesions = sorted(lesion_classes(cfg.dataset).values())
-    seg = cfg.segmenter
-    train, validation = seg.train, seg.validation
-    crop_classes = train.crop_classes
-    crop = [int(c) for c in (train.crop_size or cfg.dataset.crop_size)]
-    if len(crop) != 3 or min(crop) < 1:
-        raise UserError(f"segmenter.train.crop_size: need three positive integers, got {crop}")
-    return Settings(
-        network=network_settings(seg.network, len(names)),
-        class_names=names,
-        report_order=lesions + [c for c in range(1, len(names)) if c not in lesions],
-        lesions=lesions,
-        crop_size=crop,
-        max_steps=_number(train.max_steps, "train.max_steps", int, 1),
-        batch_size=_number(train.batch_size, "train.batch_size", int, 1),
-        lr=_number(train.lr, "train.lr", float, 0.0),
-        lr_schedule=_schedule(train.lr_schedule),
-        class_crop_fraction=_number(train.class_crop_fraction, "train.class_crop_fraction", float, 0.0, 1.0),
-        crop_classes=(_class_indices(list(crop_classes), names, "crop_classes") if crop_classes is not None
-                      else lesions or list(range(1, len(names)))),
-        dice_weight=_number(train.dice_weight, "train.dice_weight", float, 0.0),
-        ce_weight=_number(train.ce_weight, "train.ce_weight", float, 0.0),
-        every_n_steps=_number(validation.every_n_steps, "validation.every_n_steps", int, 1),
-        patience=None if validation.patience is None else _number(validation.patience, "validation.patience",
-                                                                  int, 1),
-        lesion_weight=_number(validation.lesion_weight, "validation.lesion_weight", float, 0.0, 1.0),
-        overlap=_number(seg.inference.overlap, "inference.overlap", float, 0.0, 0.95),
-        min_lesion_candidates=_candidates(seg.inference.min_lesion_voxels),
-    )
-
-
-def _candidates(values) -> list[int]:
-    entries = list(values) if OmegaConf.is_list(values) or isinstance(values, (list, tuple)) else [values]
-    if not entries or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in entries):
-        raise UserError(f"segmenter.inference.min_lesion_voxels: need a list of voxel counts >= 0, got {values}")
-    return sorted(set(int(v) for v in entries))
 
 
 @dataclass
@@ -214,7 +118,7 @@ class Segmenter:
     seconds: float = 0.0                                # training wall time, validations included
     train_cases: list[str] | None = None                # read back from a saved file (None: not recorded)
     min_lesion_voxels: int = 0                          # smaller predicted lesion components are removed
-    postprocessing: dict = field(default_factory=dict)  # validation score per candidate size, and the choice
+    postprocessing: dict = field(default_factory=dict)  # how min_lesion_voxels was chosen: validation scores
 
 
 class CropSampler:
@@ -319,7 +223,7 @@ def choose_min_lesion_voxels(model: Segmenter, val: Sequence[Volume]) -> None:
     candidates = settings.min_lesion_candidates
     model.min_lesion_voxels = candidates[0]
     if not val or not settings.lesions or len(candidates) == 1:
-        model.postprocessing = {"min_lesion_voxels": model.min_lesion_voxels, "validation_scores": None}
+        model.postprocessing = {"validation_scores": None}
         return
     per_size: dict[int, dict] = {size: {} for size in candidates}
     for case in val:  # one network pass per case, every candidate scored on its logits
@@ -332,8 +236,7 @@ def choose_min_lesion_voxels(model: Segmenter, val: Sequence[Volume]) -> None:
     if valid:
         top = max(valid.values())
         model.min_lesion_voxels = min(size for size, score in valid.items() if score == top)
-    model.postprocessing = {"min_lesion_voxels": model.min_lesion_voxels,
-                            "validation_scores": {str(k): v for k, v in scores.items()}}
+    model.postprocessing = {"validation_scores": {str(k): v for k, v in scores.items()}}
 
 
 @torch.no_grad()
@@ -443,4 +346,4 @@ def load_segmenter(path, cfg, device: torch.device) -> Segmenter:
     size = int(saved.get("min_lesion_voxels", 0))  # files written before the post-processing existed: none
     return Segmenter(net.to(device).eval(), settings, device, steps=int(saved.get("steps", 0)),
                      best_step=saved.get("best_step"), train_cases=saved.get("train_cases"),
-                     min_lesion_voxels=size, postprocessing={"min_lesion_voxels": size, "chosen": "when the file was trained"})
+                     min_lesion_voxels=size, postprocessing={"chosen": "when the file was trained"})

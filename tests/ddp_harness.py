@@ -1,6 +1,7 @@
 """Run a function in N processes that look like the N tasks of one Slurm job step on one node (the environment
 srun gives each task), so that Lightning's SLURMEnvironment sets the ranks and DDP runs on CPU over gloo, exactly
-as `srun` starts training on a cluster. Used by test_ddp.py.
+as `srun` starts training on a cluster. Used by test_ddp.py and test_ddp_runner.py, with their shared
+`trainer_settings` (the CPU DDP trainer) and `check` (a scenario's result or its recorded failure).
 
 The processes are forked, so they start with everything the test process has imported (no new interpreter that
 imports torch and Lightning again); each sets one intra-op thread first, as PyTorch's data-loader workers do.
@@ -15,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -62,3 +64,19 @@ def run_tasks(scenarios: dict[str, Callable], world_size: int, out_dir: Path, ti
             raise TimeoutError(f"DDP tasks still running after {timeout} s (a collective that not every rank "
                                "called?)")
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def trainer_settings(*, max_steps, devices=2, val_check_interval=100):
+    return {
+        "accelerator": "cpu", "devices": devices, "num_nodes": 1, "strategy": "ddp" if devices > 1 else "auto",
+        "precision": "32-true", "max_steps": max_steps, "val_check_interval": val_check_interval,
+        "check_val_every_n_epoch": None, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+        "enable_progress_bar": False, "enable_model_summary": False,
+    }
+
+
+def check(result):
+    """A scenario's result, or the failure with the traceback it recorded."""
+    if "error" in result:
+        pytest.fail(result["error"])
+    return result

@@ -18,7 +18,7 @@ from dataset.io import load_nifti, save_nifti
 from dataset.phantoms import class_intensity, write_phantom_dataset
 from dataset.split import make_split
 from dataset.validate import validate_dataset
-from evaluation.augmentation import (
+from evaluation.augmentation_cases import (
     SyntheticScan,
     check_training_set,
     for_regime,

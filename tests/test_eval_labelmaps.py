@@ -1,5 +1,6 @@
-"""evaluation.labelmaps: known values on hand-built maps (adjacency, holes, speckle, hosts), and the CLI on small
-synthetic "brains": a copied training map is flagged, requested == measured attributes correlate perfectly."""
+"""evaluation.label_plausibility and evaluation.labelmaps: known values on hand-built maps (adjacency, holes,
+speckle, hosts), and the CLI on small synthetic "brains": a copied training map is flagged, requested == measured
+attributes correlate perfectly."""
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,9 @@ import pytest
 
 from dataset.attributes import as_row, measure
 from dataset.io import save_nifti
-from evaluation.labelmaps import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes, count_holes,
-                                  host_classes_of, host_counts, run)
+from evaluation.label_plausibility import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes,
+                                          count_holes, host_counts)
+from evaluation.labelmaps import host_classes_of, run
 from utils.errors import UserError
 
 SPACING = (2.0, 2.0, 2.0)

@@ -28,9 +28,9 @@ from evaluation.segmenter import (
     load_segmenter,
     predict,
     remove_small_lesions,
-    settings_from,
     train_segmenter,
 )
+from evaluation.segmenter_settings import settings_from
 from utils.errors import UserError
 from utils.paths import CONFIG_DIR
 

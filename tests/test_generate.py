@@ -14,7 +14,8 @@ import benchmarks.make_generated_figure as figure
 from dataset.attributes import measure, read_requested_csv
 from dataset.validate import validate_dataset
 from ddpm.generate import run
-from ddpm.label_generator import foreground_box, grid_affine, save_label_generator
+from ddpm.label_checkpoint import save_label_generator
+from ddpm.label_generator import foreground_box, grid_affine
 from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from utils.errors import UserError

@@ -10,8 +10,9 @@ import torch
 
 from dataset.attributes import LesionAttributes
 from dataset.attributes import measure
+from ddpm.label_checkpoint import load_label_generator, save_label_generator
 from ddpm.label_generator import (AttributeUNet, attribute_vector, foreground_box, grid_affine, lesion_positions,
-                                  load_label_generator, save_label_generator, soft_dice_loss, spatial_channels)
+                                  soft_dice_loss, spatial_channels)
 from ddpm.samplers import SamplerSettings
 from ddpm_tiny import save_tiny_vqgan, tiny_vqgan
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of

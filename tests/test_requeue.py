@@ -1,7 +1,7 @@
 """Requeue on SIGUSR1 (train/requeue.py through train/common.py), on CPU without Slurm: the signal becomes a
 checkpoint at a batch boundary, `scontrol requeue` is called once, and the resumed run continues the step count
 and ends where an uninterrupted run ends. The same path under a real Slurm is in test_slurm.py, the multi-rank
-agreement in test_ddp.py."""
+agreement in test_ddp_runner.py."""
 import os
 import signal
 

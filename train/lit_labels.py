@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from dataset import cache
 from dataset.attributes import lesion_classes, measure, voxel_volume_ml
 from dataset.crops import LABEL_PAD_VALUE, pad_to_at_least
-from ddpm.label_generator import (FEATURES_PER_CLASS, STAGE, LabelGenerator, attribute_vector,
-                                  checkpoint_metadata, foreground_box)
+from ddpm.label_checkpoint import STAGE, checkpoint_metadata
+from ddpm.label_generator import FEATURES_PER_CLASS, LabelGenerator, attribute_vector, foreground_box
 from ddpm.samplers import SamplerSettings, gaussian
 from evaluation.metrics import dice_per_class, mean_dice
 from train.common import mean_over_unique_cases, save_image_grid

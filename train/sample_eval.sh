@@ -36,20 +36,13 @@ for arg; do
     esac
 done
 
-project_root() {  # under sbatch this file runs from a copy in Slurm's spool directory
-    local here
-    here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-    if [[ -f $here/train/launch.sh ]]; then
-        echo "$here"
-    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
-        local script
-        script=$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p')
-        cd "$(dirname "$script")/.." && pwd
-    fi
-}
-root=$(project_root)
-if [[ ! -f ${root:-.}/train/launch.sh ]]; then
-    echo "error: cannot find the project (train/launch.sh); submit from the project directory" >&2
+# Under sbatch this file runs from a copy in Slurm's spool directory: the job record names the original.
+here=$(dirname "${BASH_SOURCE[0]}")
+[[ -f $here/launch.sh || -z ${SLURM_JOB_ID:-} ]] ||
+    here=$(dirname "$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p')")
+root=$(cd "$here/.." && pwd)
+if [[ ! -f $root/train/launch.sh ]]; then
+    echo "error: cannot find the project (train/launch.sh) from $here; submit from the project directory" >&2
     exit 2
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
