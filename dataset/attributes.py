@@ -12,10 +12,13 @@ Per lesion class (`dataset.lesion_classes`: class names, or indices where `class
 
 Requested attributes (`lesion_volume_ml`, `lesion_count`, `lesion_centroid`) take a value for the single lesion
 class, or a mapping {class name: value}; `check_requested` turns them into {class: {attribute: value}} or raises a
-one-line UserError. `draw_attributes` fills the unset ones empirically: it picks one training case at random
+one-line UserError. `draw_case` and `fill_attributes` fill the unset ones empirically: one training case at random
 among those whose lesion presence agrees with the request (a lesion where a volume > 0, a count >= 1 or a centroid
 is requested, none where a volume or count of 0 is) and takes that case's values, so unset attributes keep their
-joint training distribution (e.g. volume and count stay correlated).
+joint training distribution (e.g. volume and count stay correlated). With `nearest=k` the case is drawn among the
+k agreeing cases nearest to the requested values (log(1 + volume in mL), count and centroid, each scaled by its
+spread over the training lesions): a draw from the training distribution given the request, so a large requested
+lesion takes the centroid of a case whose large lesion had room there, not one where a speck sat near the cortex.
 """
 from __future__ import annotations
 
@@ -175,12 +178,42 @@ def wants(values: Mapping) -> tuple[bool, bool]:
     return present, absent
 
 
-def draw_attributes(requested: Mapping[str, Mapping], table: Sequence[Mapping[str, LesionAttributes]],
-                    lesion_names: Sequence[str], generator: np.random.Generator) -> dict[str, LesionAttributes]:
-    """Every lesion class's attributes: the checked request where set, the rest from one training case drawn
-    uniformly among those whose lesion presence agrees with the request."""
+def request_distances(requested: Mapping[str, Mapping], cases: Sequence[Mapping[str, LesionAttributes]],
+                      table: Sequence[Mapping[str, LesionAttributes]]) -> np.ndarray | None:
+    """Distance of each case to the requested values: the root sum of squares over the requested volumes
+    (log(1 + mL)), counts and centroids (Euclidean), each divided by its spread (standard deviation; for the
+    centroid, root mean square distance to the mean) over the lesions of `table`; None where no lesion value is
+    asked (or none varies in training), when every case is as near."""
+    squared, asked = np.zeros(len(cases)), False
+    for name, values in requested.items():
+        lesions = [case[name] for case in table if case[name].count > 0]
+        if wants(values)[1] or not lesions:
+            continue  # no lesion asked for (the agreeing cases have none), or none in training to scale by
+        for attribute in [key for key in ("volume_ml", "count", "centroid") if key in values]:
+            if attribute == "centroid":
+                known = np.array([lesion.centroid for lesion in lesions], dtype=float)
+                spread = float(np.sqrt(((known - known.mean(0)) ** 2).sum(1).mean()))
+                at = [np.asarray(case[name].centroid, dtype=float) for case in cases]
+                gap = np.array([np.linalg.norm(a - np.asarray(values["centroid"], dtype=float)) for a in at])
+            else:
+                scale = np.log1p if attribute == "volume_ml" else np.asarray
+                known = scale(np.array([getattr(lesion, attribute) for lesion in lesions], dtype=float))
+                spread = float(known.std())
+                at = scale(np.array([getattr(case[name], attribute) for case in cases], dtype=float))
+                gap = np.abs(at - scale(float(values[attribute])))
+            if spread > 0:
+                squared, asked = squared + (gap / spread) ** 2, True
+    return np.sqrt(squared) if asked else None
+
+
+def draw_case(requested: Mapping[str, Mapping], table: Sequence[Mapping[str, LesionAttributes]],
+              generator: np.random.Generator, nearest: int | None = None) -> Mapping[str, LesionAttributes]:
+    """One training case drawn uniformly among those whose lesion presence agrees with the request (with
+    `nearest`: among the `nearest` of them closest to the requested values, `request_distances`)."""
     if not table:
         raise UserError("lesion attributes: no training cases to draw unset attributes from")
+    if nearest is not None and (not isinstance(nearest, int) or isinstance(nearest, bool) or nearest < 1):
+        raise UserError(f"draw_nearest={nearest}: must be a whole number of training cases >= 1, or null")
     candidates = []
     for case in table:
         ok = True
@@ -193,7 +226,15 @@ def draw_attributes(requested: Mapping[str, Mapping], table: Sequence[Mapping[st
     if not candidates:
         raise UserError(f"lesion attributes {dict(requested)}: no training case agrees with them (a lesion "
                         f"where one is asked for, none where none is); ask for something the training data shows")
-    case = candidates[int(generator.integers(len(candidates)))]
+    distances = None if nearest is None else request_distances(requested, candidates, table)
+    if distances is not None and nearest < len(candidates):
+        candidates = [candidates[i] for i in np.argsort(distances, kind="stable")[:nearest]]
+    return candidates[int(generator.integers(len(candidates)))]
+
+
+def fill_attributes(requested: Mapping[str, Mapping], case: Mapping[str, LesionAttributes],
+                    lesion_names: Sequence[str]) -> dict[str, LesionAttributes]:
+    """Every lesion class's attributes: the checked request where set, the rest `case`'s values."""
     drawn = {}
     for name in lesion_names:
         values = requested.get(name, {})

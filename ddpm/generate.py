@@ -4,7 +4,8 @@
         lesion_count=2 lesion_centroid=[0.3,0.5,0.6]] [layout=images_labels|nnunet] [seed=0] [overwrite=false]
 
 For k = 0..n-1, case `gen<kkkk>`: the lesion attributes (the requested ones, the rest drawn jointly from one
-training case of the label-map generator, `dataset.attributes.draw_attributes`), a label map from the generator
+training case of the label-map generator, among the `draw_nearest` agreeing ones nearest to the request:
+`dataset.attributes.draw_case`), a label map from the generator
 (`ddpm.label_generator`, on the model grid at the training spacing) and a scan synthesised from it by stage 2
 (`ddpm.synthesis.Synthesizer`, as `ddpm.sample` does). The output folder is a data set of this project and of
 nnU-Net: `images/<id>.nii.gz` + `labels/<id>.nii.gz` (layout=images_labels) or `imagesTr/<id>_0000.nii.gz` +
@@ -12,8 +13,9 @@ nnU-Net: `images/<id>.nii.gz` + `labels/<id>.nii.gz` (layout=images_labels) or `
 attributes the map was generated for as `requested_<class>_<attribute>` and what it shows as
 `measured_<class>_<attribute>`, `dataset.attributes.as_row` columns) and `generate.json` (checkpoints, settings,
 versions). Pair k depends only on `seed` and k. `sweep={lesion_volume_ml: [1, 2, 4, 8]}` (any one `lesion_*` key):
-n pairs for each value, the k-th pair of every value with the same seeds, so along a row of pairs only the swept
-attribute changes (ids run on: value j's pair k is gen<j*n + k>).
+n pairs for each value, the k-th pair of every value with the same seeds and drawn case, so along a row of pairs
+only the swept attribute changes (ids run on: value j's pair k is gen<j*n + k>); a volume or count sweep draws that
+case as for its largest value, the request hardest to place.
 
 Everything is checked before anything is written: the checkpoints (and that both were trained on the same data
 settings), the requested attributes (negative volume, centroid outside [0, 1], unknown class, ...), that the
@@ -31,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from dataset.attributes import REQUEST_KEYS, as_row, check_requested, draw_attributes, measure
+from dataset.attributes import REQUEST_KEYS, as_row, check_requested, draw_case, fill_attributes, measure
 from dataset.io import save_nifti
 from dataset.layout import LAYOUT_FOLDERS
 from dataset.validate import class_names
@@ -93,6 +95,22 @@ def sweep_requests(cfg: DictConfig) -> list[dict]:
     return [{**base, key: value} for value in values]
 
 
+def draw_conditions(requests: list[dict], swept: str | None) -> list[dict]:
+    """The checked request each pair's training case is drawn for: in a sweep of `lesion_volume_ml` or
+    `lesion_count`, every value asking for a lesion of a class is drawn as for the largest value of that class (so a
+    row keeps one case, one whose lesion had room for the largest request); otherwise the request itself."""
+    if swept not in ("lesion_volume_ml", "lesion_count"):
+        return requests
+    attribute = REQUEST_KEYS[swept]
+    largest: dict[str, float] = {}
+    for request in requests:
+        for name, values in request.items():
+            if values.get(attribute, 0) > 0:
+                largest[name] = max(largest.get(name, 0), values[attribute])
+    return [{name: {**values, attribute: largest[name]} if values.get(attribute, 0) > 0 else values
+             for name, values in request.items()} for request in requests]
+
+
 def nnunet_dataset_json(dataset: Mapping, n: int) -> dict:
     """nnU-Net v2's dataset.json for the generated training cases."""
     return {"channel_names": {"0": NNUNET_CHANNEL[str(dataset["modality"])]},
@@ -128,9 +146,11 @@ def run(cfg: DictConfig) -> list[str]:
                         sides=(f"the label generator {cfg.labels_ckpt}", "the stage-2 checkpoint"))
     label_settings = sampler_settings(cfg.label_sampler, generator.schedule.timesteps)
     image_settings = sampler_settings(cfg.image_sampler, model.schedule.timesteps)
-    draws = [draw_attributes(requested, meta["attribute_table"], lesion_names,
-                             np.random.default_rng(stream_seeds(cfg.seed, index)[0]))
-             for requested in requests for index in range(n)]
+    swept = None if cfg.sweep is None else next(iter(plain(cfg.sweep)))
+    draws = [fill_attributes(requested, draw_case(condition, meta["attribute_table"],
+                                                  np.random.default_rng(stream_seeds(cfg.seed, index)[0]),
+                                                  cfg.draw_nearest), lesion_names)
+             for requested, condition in zip(requests, draw_conditions(requests, swept)) for index in range(n)]
 
     out = Path(str(cfg.out))
     ids = case_ids(len(draws))
@@ -182,7 +202,7 @@ def run_record(cfg, n: int, layout: str, shape: list[int], spacing, device) -> d
             "checkpoint": {"file": Path(str(cfg.ckpt)).name, "sha256": file_sha256(cfg.ckpt)},
             "n": n, "seed": int(cfg.seed), "layout": layout,
             "requested": request_values(cfg),
-            "sweep": plain(cfg.sweep),
+            "sweep": plain(cfg.sweep), "draw_nearest": cfg.draw_nearest,
             "label_sampler": OmegaConf.to_container(cfg.label_sampler),
             "image_sampler": OmegaConf.to_container(cfg.image_sampler),
             "volume_shape": shape, "spacing_mm": [float(s) for s in spacing],

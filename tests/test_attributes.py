@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dataset.attributes import (LesionAttributes, as_row, body_box, check_requested, draw_attributes,
-                                lesion_classes, measure, read_requested_csv)
+from dataset.attributes import (LesionAttributes, as_row, body_box, check_requested, draw_case,
+                                fill_attributes, lesion_classes, measure, read_requested_csv)
 from utils.errors import UserError
 
 LESION = {"lesion": 2}
@@ -90,6 +90,10 @@ def test_requested_attributes_are_checked():
         assert "\n" not in str(info.value)
 
 
+def draw_attributes(requested, table, rng, nearest=None):
+    return fill_attributes(requested, draw_case(requested, table, rng, nearest), ["lesion"])["lesion"]
+
+
 def test_unset_attributes_come_from_one_compatible_training_case():
     table = [{"lesion": LesionAttributes(0.0, 0, None)},
              {"lesion": LesionAttributes(1.0, 1, (0.1, 0.2, 0.3))},
@@ -97,17 +101,40 @@ def test_unset_attributes_come_from_one_compatible_training_case():
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(40):
-        drawn = draw_attributes({"lesion": {"volume_ml": 12.0}}, table, ["lesion"], rng)["lesion"]
+        drawn = draw_attributes({"lesion": {"volume_ml": 12.0}}, table, rng)
         assert drawn.volume_ml == 12.0
         assert (drawn.count, drawn.centroid) in {(1, (0.1, 0.2, 0.3)), (3, (0.7, 0.8, 0.9))}  # jointly, one case
         seen.add(drawn.count)
     assert seen == {1, 3}  # both lesion cases are drawn, never the lesion-free one
-    none = draw_attributes({"lesion": {"count": 0}}, table, ["lesion"], rng)["lesion"]
+    none = draw_attributes({"lesion": {"count": 0}}, table, rng)
     assert none == LesionAttributes(0.0, 0, None)
-    free = [draw_attributes({}, table, ["lesion"], np.random.default_rng(s))["lesion"].count for s in range(30)]
+    free = [draw_attributes({}, table, np.random.default_rng(s)).count for s in range(30)]
     assert set(free) == {0, 1, 3}
     with pytest.raises(UserError, match="no training case agrees"):
-        draw_attributes({"lesion": {"count": 2}}, table[:1], ["lesion"], rng)
+        draw_attributes({"lesion": {"count": 2}}, table[:1], rng)
+
+
+def test_nearest_draws_come_from_the_training_cases_closest_to_the_request():
+    # lesions of 1..10 mL, case i's centroid at (i/10, 0.5, 0.5) and count 1 + i % 3; one lesion-free case
+    table = [{"lesion": LesionAttributes(float(i), 1 + i % 3, (i / 10, 0.5, 0.5))} for i in range(1, 11)]
+    table.append({"lesion": LesionAttributes(0.0, 0, None)})
+
+    def draws(requested, nearest, n=60):
+        return {draw_attributes(requested, table, np.random.default_rng(s), nearest).centroid[0] for s in range(n)}
+
+    assert draws({"lesion": {"volume_ml": 9.6}}, 2) == {0.9, 1.0}       # log(1 + mL): 9 and 10 mL are nearest
+    assert draws({"lesion": {"volume_ml": 9.6}}, None) == {i / 10 for i in range(1, 11)}  # any lesion case
+    near = {draw_attributes({"lesion": {"centroid": (0.28, 0.5, 0.5)}}, table, np.random.default_rng(s), 3).volume_ml
+            for s in range(60)}
+    assert near == {2.0, 3.0, 4.0}
+    # volume and count together: 4 mL has count 2, as asked; 3 and 5 mL are as near in volume but count 1 and 3
+    assert draws({"lesion": {"volume_ml": 4.0, "count": 2}}, 1) == {0.4}
+    # nothing numeric asked: every agreeing case stays a candidate, whatever nearest says
+    assert {draw_attributes({}, table, np.random.default_rng(s), 1).count for s in range(200)} == {0, 1, 2, 3}
+    assert draw_attributes({"lesion": {"count": 0}}, table, np.random.default_rng(0), 1).volume_ml == 0.0
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="draw_nearest"):
+            draw_case({}, table, np.random.default_rng(0), bad)
 
 
 def test_lesion_classes_come_from_the_data_set_config(compose_cfg):

@@ -13,7 +13,7 @@ import torch
 import benchmarks.make_generated_figure as figure
 from dataset.attributes import measure, read_requested_csv
 from dataset.validate import validate_dataset
-from ddpm.generate import run
+from ddpm.generate import draw_conditions, run
 from ddpm.label_checkpoint import save_label_generator
 from ddpm.label_generator import foreground_box, grid_affine
 from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
@@ -132,7 +132,8 @@ def test_sweep_gives_rows_where_only_the_swept_attribute_changes(compose_cfg, ck
     for k in range(2):
         first, second = (requests[ids[j * 2 + k]]["class_2"] for j in range(2))
         assert first["centroid"] == second["centroid"]
-    assert json.loads((out / "generate.json").read_text())["sweep"] == {"lesion_volume_ml": [0.5, 2.0]}
+    record = json.loads((out / "generate.json").read_text())
+    assert record["sweep"] == {"lesion_volume_ml": [0.5, 2.0]} and record["draw_nearest"] == 5
     # the README figure picks pair 0 of each value, in the order of the requested volume
     rows = figure.read_pairs(out)
     assert [r["case_id"] for r in figure.sweep_row(rows[::-1], "requested_class_2_volume_ml")] == ["gen0000", "gen0002"]
@@ -140,6 +141,18 @@ def test_sweep_gives_rows_where_only_the_swept_attribute_changes(compose_cfg, ck
                         "--out", str(tmp_path / "fig.png")]).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError, match="set one of them"):
         run(generate_cfg(compose_cfg, ckpts, tmp_path / "both", "sweep={lesion_volume_ml:[1]}", "lesion_volume_ml=1"))
+
+
+def test_a_volume_sweep_draws_each_row_for_its_largest_value():
+    requests = [{"a": {"volume_ml": 0.0}}, {"a": {"volume_ml": 2.0, "count": 1}}, {"a": {"volume_ml": 8.0, "count": 1}}]
+    assert draw_conditions(requests, "lesion_volume_ml") == [
+        {"a": {"volume_ml": 0.0}}, {"a": {"volume_ml": 8.0, "count": 1}}, {"a": {"volume_ml": 8.0, "count": 1}}]
+    two = [{"a": {"volume_ml": 2.0}, "b": {"volume_ml": 5.0}}, {"a": {"volume_ml": 4.0}, "b": {"volume_ml": 1.0}}]
+    assert draw_conditions(two, "lesion_volume_ml") == [{"a": {"volume_ml": 4.0}, "b": {"volume_ml": 5.0}}] * 2
+    counts = [{"a": {"count": 1}}, {"a": {"count": 3}}]
+    assert draw_conditions(counts, "lesion_count") == [{"a": {"count": 3}}] * 2
+    centroids = [{"a": {"centroid": (0.2, 0.5, 0.5)}}, {"a": {"centroid": (0.8, 0.5, 0.5)}}]
+    assert draw_conditions(centroids, "lesion_centroid") == centroids and draw_conditions(requests, None) == requests
 
 
 def test_figure_slices_through_the_lesion_centroid():
