@@ -25,7 +25,7 @@ out=runs/labels-demo-eval
 scans=(image_sampler.sampler=dpmpp_2m image_sampler.steps=25 overwrite=true)  # as demo.sh samples
 "$python" -m ddpm.generate "labels_ckpt=$labels" "ckpt=$ckpt" "n=${N_PAIRS:-20}" "out=$out/pairs" "${scans[@]}"
 # the demo's training lesions total 1.8 to 29 mL; the other attributes of pair k come from one training case
-"$python" -m ddpm.generate "labels_ckpt=$labels" "ckpt=$ckpt" "n=${N_PER_VOLUME:-3}" "out=$out/sweep" \
+"$python" -m ddpm.generate "labels_ckpt=$labels" "ckpt=$ckpt" "n=${N_PER_VOLUME:-5}" "out=$out/sweep" \
     "sweep={lesion_volume_ml:${SWEEP_ML:-[2,4,8,16,24]}}" "${scans[@]}"
 for set in pairs sweep; do
     "$python" -m evaluation.labelmaps dataset=demo real=runs/demo-eval/train/labels "fake=$out/$set/labels" \
