@@ -17,7 +17,7 @@ from ddpm.samplers import SamplerSettings
 from ddpm_tiny import save_tiny_vqgan, tiny_vqgan
 from labels_tiny import LABEL_NC, LESIONS, SHAPE, SPACING, phantom_map, tiny_generator, vectors_of
 from train.common import run_training
-from train.lit_labels import LitLabels, autoencoder_crop, diffusion_lr_factor, random_crops
+from train.lit_labels import LitLabels, autoencoder_crop, random_crops
 from train.train_labels import build_datamodule
 from utils.checkpoint import dataset_settings
 from utils.errors import UserError
@@ -227,12 +227,10 @@ def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root
     stage1 = save_vqgan(tiny_vqgan(), tmp_path / "vqgan.ckpt", dataset=dataset_settings(cfg_check.dataset),
                         split=stored)
     run_dir = tmp_path / "run"
-    cfg = compose_cfg("labels", [*dataset, *TINY_OVERRIDES, "trainer=cpu", "logger=csv", "model.lr_decay=cosine",
+    cfg = compose_cfg("labels", [*dataset, *TINY_OVERRIDES, "trainer=cpu", "logger=csv",
                                  f"model.split_ckpt={stage1}", f"train.run_dir={run_dir}"])
     module = LitLabels(cfg)
     run_training(cfg, module, build_datamodule(cfg, module))
-    groups = torch.load(run_dir / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
-    assert groups[0]["lr"] == 1.0e-3 and groups[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the UNet's decayed to 0
     model, meta = load_label_generator(run_dir / "last.ckpt")
     assert meta["split"] == stored  # the stage-1 split, not a fresh one
     assert meta["volume_shape"] == [24, 24, 16]  # the phantoms' shape, already a multiple of 4
@@ -244,13 +242,6 @@ def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root
     sample = model.sample(model.standardise(attribute_vector(drawn, ["class_2"])[None]), meta["volume_shape"],
                           positions=model.positions([drawn], ["class_2"]), settings=SamplerSettings("ddim", 2, 0.0))
     assert sample.shape == (1, 24, 24, 16) and 0 <= int(sample.min()) and int(sample.max()) < 3
-
-
-def test_cosine_decay_of_the_diffusion_learning_rate(compose_cfg):
-    with pytest.raises(UserError, match="model.lr_decay=linear: must be one of none, cosine"):
-        LitLabels(compose_cfg("labels", [*TINY_OVERRIDES, "model.lr_decay=linear"]))
-    assert [diffusion_lr_factor(step, 4) for step in (-3, 0, 2, 4, 9)] == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
-    assert diffusion_lr_factor(1, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_autoencoder_crops_are_blocks_of_each_map():

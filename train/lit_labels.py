@@ -41,8 +41,6 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LR_DECAYS = ("none", "cosine")  # model.lr_decay of the diffusion UNet
-
 
 def build_generator(cfg: DictConfig) -> tuple[LabelGenerator, dict[str, int]]:
     """The generator of `cfg.model.generator` for the data set's classes, and its lesion classes {name: index}."""
@@ -66,12 +64,6 @@ def autoencoder_crop(size, multiple) -> list[int] | None:
     return crop
 
 
-def diffusion_lr_factor(step: int, steps: int) -> float:
-    """model.lr_decay=cosine: the UNet's learning rate factor at diffusion step `step` of `steps` (1 until the
-    diffusion starts, then half a cosine down to 0 at trainer.max_steps)."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(max(step, 0), steps) / steps))
-
-
 def random_crops(label: torch.Tensor, size) -> torch.Tensor:
     """One crop of `size` per map of the batch (B, 1, X, Y, Z) at a uniformly drawn position (torch's global
     generator, seeded by the run); a side shorter than the crop is kept whole."""
@@ -92,9 +84,6 @@ class LitLabels(pl.LightningModule):
         if self.autoencoder_steps < 1:
             raise UserError(f"model.autoencoder_steps: need at least 1, got {self.autoencoder_steps}")
         self.autoencoder_lr, self.lr, self.weight_decay = float(m.autoencoder_lr), float(m.lr), float(m.weight_decay)
-        self.lr_decay = str(m.lr_decay)
-        if self.lr_decay not in LR_DECAYS:
-            raise UserError(f"model.lr_decay={self.lr_decay}: must be one of {', '.join(LR_DECAYS)}")
         self.autoencoder_crop = autoencoder_crop(m.autoencoder_crop, self.model.autoencoder.downsample)
         val = m.validation
         try:
@@ -120,13 +109,7 @@ class LitLabels(pl.LightningModule):
     def configure_optimizers(self):
         groups = [{"params": list(self.model.autoencoder.parameters()), "lr": self.autoencoder_lr},
                   {"params": list(self.model.unet.parameters()), "lr": self.lr}]
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-        if self.lr_decay == "none":
-            return optimizer
-        steps = max(1, int(self.trainer.max_steps) - self.autoencoder_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda step: 1.0, lambda step: diffusion_lr_factor(step - self.autoencoder_steps, steps)])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return torch.optim.AdamW(groups, weight_decay=self.weight_decay)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
