@@ -25,14 +25,21 @@ from layers.tiling import TileGrid, Triple, window_weight
 from utils.errors import UserError
 
 
+WHOLE = "whole"
+WHOLE_SIDE = 1 << 20  # window side of `window=whole`: larger than any latent (windows are clamped to it)
+
+
 def parse_window(value) -> tuple[int, int, int] | None:
-    """`window=` of the CLIs: null (the checkpoint's default), one positive integer for every axis, or three
-    (latent voxels X, Y, Z)."""
+    """`window=` of the CLIs: null (the checkpoint's default), `whole` (one window covering the latent), one
+    positive integer for every axis, or three (latent voxels X, Y, Z)."""
     if value is None:
         return None
+    if value == WHOLE:
+        return (WHOLE_SIDE,) * 3
     values = [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else list(value)
     if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise UserError(f"window={value}: expected null, a positive integer or 3 positive integers (latent voxels)")
+        raise UserError(f"window={value}: expected null, whole, a positive integer or 3 positive integers (latent "
+                        f"voxels)")
     return tuple(values)
 
 

@@ -22,7 +22,7 @@ done
 bash labels.sh experiment=demo model.split_ckpt=runs/vqgan-demo/last.ckpt "$@"
 labels=runs/labels-demo/last.ckpt
 out=runs/labels-demo-eval
-scans=(image_sampler.sampler=dpmpp_2m image_sampler.steps=25 overwrite=true)  # as demo.sh samples
+scans=(image_sampler.sampler=dpmpp_2m image_sampler.steps=25 window=whole overwrite=true)  # as demo.sh samples
 "$python" -m ddpm.generate "labels_ckpt=$labels" "ckpt=$ckpt" "n=${N_PAIRS:-20}" "out=$out/pairs" "${scans[@]}"
 # the demo's training lesions total 1.8 to 29 mL; the other attributes of pair k come from one training case
 "$python" -m ddpm.generate "labels_ckpt=$labels" "ckpt=$ckpt" "n=${N_PER_VOLUME:-5}" "out=$out/sweep" \

@@ -210,6 +210,7 @@ def test_window_settings():
     with pytest.raises(UserError, match="multiple of 2"):
         checkpoint_window((5, 4, 2), model, meta)
     assert parse_window(None) is None and parse_window(8) == (8, 8, 8) and parse_window([4, 6, 2]) == (4, 6, 2)
+    assert TileGrid.covering((20, 16, 6), parse_window("whole"), 0.25, multiple=2).is_single
     for bad in ([4, 4], [4, 0, 4], "big", [4.5, 4, 4]):
         with pytest.raises(UserError, match="window="):
             parse_window(bad)
@@ -245,6 +246,9 @@ def test_sample_cli_windows_label_maps_larger_than_the_training_crop(compose_cfg
     again, _ = synthesise(compose_cfg, big_label_map, tmp_path / "b")
     whole, whole_sidecar = synthesise(compose_cfg, big_label_map, tmp_path / "c", "window=[64,64,64]")
     assert whole_sidecar["windows"] == 1 and whole_sidecar["window"] == [20, 16, 6]
+    named, named_sidecar = synthesise(compose_cfg, big_label_map, tmp_path / "d", "window=whole")
+    assert named_sidecar["window"] == [20, 16, 6] and named_sidecar["windows"] == 1
+    np.testing.assert_array_equal(named, whole)  # window=whole is one window covering the latent
     source = nib.load(str(big_label_map["labels"]))
     for volume in (windowed, whole):
         assert volume.shape == source.shape and np.isfinite(volume).all() and volume.std() > 0
