@@ -193,8 +193,8 @@ def request_distances(requested: Mapping[str, Mapping], cases: Sequence[Mapping[
             if attribute == "centroid":
                 known = np.array([lesion.centroid for lesion in lesions], dtype=float)
                 spread = float(np.sqrt(((known - known.mean(0)) ** 2).sum(1).mean()))
-                at = [np.asarray(case[name].centroid, dtype=float) for case in cases]
-                gap = np.array([np.linalg.norm(a - np.asarray(values["centroid"], dtype=float)) for a in at])
+                at = np.array([case[name].centroid for case in cases], dtype=float)
+                gap = np.linalg.norm(at - np.asarray(values["centroid"], dtype=float), axis=1)
             else:
                 scale = np.log1p if attribute == "volume_ml" else np.asarray
                 known = scale(np.array([getattr(lesion, attribute) for lesion in lesions], dtype=float))
