@@ -56,7 +56,8 @@ class CropCentres:
 
 
 class CropDataset(Dataset):
-    """One crop per preprocessed case; arrays are memory-mapped from the cache on each access."""
+    """One crop per preprocessed case; arrays are memory-mapped from the cache on each access. After
+    `serve_ids_only()` an item holds only its `case_id` (for a training phase that reads no voxels)."""
 
     def __init__(self, entries: Sequence[Path], crop_size: Sequence[int], *, train: bool,
                  centres: CropCentres | None = None, augmentation=None):
@@ -65,11 +66,18 @@ class CropDataset(Dataset):
         self.train = train
         self.centres = centres or CropCentres()
         self.augmentation = augmentation
+        self.case_ids = [cache.read_case_id(entry) for entry in self.entries]
+        self._ids_only = torch.zeros((), dtype=torch.bool).share_memory_()  # shared with the loader's workers
+
+    def serve_ids_only(self) -> None:
+        self._ids_only.fill_(True)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
+        if self._ids_only:
+            return {"case_id": self.case_ids[index]}
         case = cache.read_entry(self.entries[index])
         if self.train:
             image, label = sample_crop(case.image, case.label, self.crop_size, centre=self.centres.draw(case))

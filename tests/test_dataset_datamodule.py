@@ -30,6 +30,19 @@ def test_batches_follow_the_contract(phantom_module):
     assert seen == set(phantom_module.split["val"]) and len(seen) >= 1
 
 
+def test_ids_only_reaches_the_loaders_running_workers(phantom_cfg, tmp_path):
+    module = VolumeDataModule(phantom_cfg, tmp_path)
+    module.setup("fit")
+    dataset = module.train_set
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, persistent_workers=True)
+    first = next(iter(loader))
+    assert set(first) == {"image", "label", "case_id"}
+    dataset.serve_ids_only()  # after the worker started: the flag is shared memory
+    batches = list(loader)
+    assert all(set(b) == {"case_id"} for b in batches)
+    assert sorted(c for b in batches for c in b["case_id"]) == sorted(module.split["train"])
+
+
 def test_validation_crops_are_deterministic(phantom_module):
     first = [b["image"] for b in phantom_module.val_dataloader()]
     second = [b["image"] for b in phantom_module.val_dataloader()]
