@@ -148,10 +148,6 @@ def read_entry(folder: Path) -> PreprocessedCase:
     )
 
 
-def read_case_id(folder: Path) -> str:
-    return json.loads((folder / "meta.json").read_text())["case_id"]
-
-
 def read_class_locations(folder: Path) -> dict[int, np.ndarray]:
     with np.load(folder / "class_locations.npz") as saved:
         return {int(key.removeprefix("class_")): saved[key] for key in saved.files}

@@ -59,14 +59,14 @@ class CropDataset(Dataset):
     """One crop per preprocessed case; arrays are memory-mapped from the cache on each access. After
     `serve_ids_only()` an item holds only its `case_id` (for a training phase that reads no voxels)."""
 
-    def __init__(self, entries: Sequence[Path], crop_size: Sequence[int], *, train: bool,
+    def __init__(self, entries: Mapping[str, Path], crop_size: Sequence[int], *, train: bool,
                  centres: CropCentres | None = None, augmentation=None):
-        self.entries = list(entries)
+        self.case_ids = list(entries)
+        self.entries = list(entries.values())
         self.crop_size = [int(s) for s in crop_size]
         self.train = train
         self.centres = centres or CropCentres()
         self.augmentation = augmentation
-        self.case_ids = [cache.read_case_id(entry) for entry in self.entries]
         self._ids_only = torch.zeros((), dtype=torch.bool).share_memory_()  # shared with the loader's workers
 
     def serve_ids_only(self) -> None:
@@ -145,10 +145,10 @@ class VolumeDataModule(pl.LightningDataModule):
         if self.train_set is None:
             cfg = self.cfg
             self.train_set = CropDataset(
-                [self._entries[c.case_id] for c in self.train_cases], cfg.crop_size, train=True,
+                {c.case_id: self._entries[c.case_id] for c in self.train_cases}, cfg.crop_size, train=True,
                 centres=CropCentres.from_config(cfg),
                 augmentation=build_augmentation(cfg.augment, cfg.spacing))
-            self.val_set = CropDataset([self._entries[c.case_id] for c in self.val_cases], cfg.crop_size,
+            self.val_set = CropDataset({c.case_id: self._entries[c.case_id] for c in self.val_cases}, cfg.crop_size,
                                        train=False)
 
     # -- cases ---------------------------------------------------------------------------------------------
