@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from utils.build import configurable
 from vq_gan_3d.model import VQGAN
 
 LATENT_KINDS = ("kl", "fsq")
+BIAS_LIMIT = 4.0  # largest class offset `fit_class_bias` sets (logit units)
 FEATURES_PER_CLASS = 5  # log1p(volume mL), count, centroid r, a, s
 COORDINATE_CHANNELS = 3
 POSITION_FEATURES = 4  # latent-grid index x, y, z of a lesion centroid and the spatial channel's sigma
@@ -179,7 +180,8 @@ class LabelGenerator(nn.Module):
 
     def __init__(self, *, label_nc: int, n_attributes: int, autoencoder: Mapping[str, Any],
                  unet: Mapping[str, Any], dice_weight: float, timesteps: int, beta_schedule: str, prediction: str,
-                 cond_drop_prob: float, ema_decay: float, spatial_condition: bool = False):
+                 cond_drop_prob: float, ema_decay: float, spatial_condition: bool = False,
+                 calibrate_classes: bool = True):
         super().__init__()
         kind = str(autoencoder.get("quantizer", "kl"))
         if kind not in LATENT_KINDS:
@@ -204,7 +206,10 @@ class LabelGenerator(nn.Module):
         self.dice_weight = float(dice_weight)
         self.cond_drop_prob = float(cond_drop_prob)
         self.ema_decay = float(ema_decay)
+        self.calibrate_classes = bool(calibrate_classes)
         self.register_buffer("scale_factor", torch.tensor(float("nan")))
+        # per-class offsets added to the decoded logits before the argmax (`fit_class_bias`); NaN until fitted
+        self.register_buffer("class_bias", torch.full((self.label_nc,), float("nan")))
         self.register_buffer("attribute_mean", torch.full((self.n_attributes,), float("nan")))
         self.register_buffer("attribute_std", torch.full((self.n_attributes,), float("nan")))
         if self.n_spatial:  # the training maps' mean body box (voxel indices of the padded grid), the voxel volume
@@ -223,9 +228,10 @@ class LabelGenerator(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        """The latent scale, the attribute standardisation and (spatial condition) the body box are set (the
-        diffusion phase has started)."""
+        """The latent scale, the class offsets, the attribute standardisation and (spatial condition) the body box
+        are set (the diffusion phase has started)."""
         fitted = bool(torch.isfinite(self.scale_factor)) and bool(torch.isfinite(self.attribute_mean).all())
+        fitted = fitted and bool(torch.isfinite(self.class_bias).all())
         return fitted and (not self.n_spatial or bool(torch.isfinite(self.body_box).all()))
 
     # attributes --------------------------------------------------------------------------------------------
@@ -292,10 +298,65 @@ class LabelGenerator(nn.Module):
     def encode_unscaled(self, label: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(self.onehot(label)).float()
 
+    def classify(self, logits: torch.Tensor) -> torch.Tensor:
+        """Decoded logits (B, label_nc, ...) -> integer labels: the argmax after the fitted class offsets (none
+        before `fit_class_bias`)."""
+        if not bool(torch.isfinite(self.class_bias).all()):
+            return logits.argmax(1)
+        return (logits.float() + self.class_bias.view(1, -1, *[1] * (logits.dim() - 2))).argmax(1)
+
+    @torch.no_grad()
+    def fit_class_bias(self, maps: Iterable[tuple[torch.Tensor, torch.Tensor]], *, iterations: int = 60,
+                       max_per_map: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
+        """Set `class_bias` so that the argmax of the decoded training maps holds as many voxels of each class as
+        the maps do. `maps` yields (logits (label_nc, ...), label (...)) of one decoded training map at a time.
+
+        An autoencoder's argmax decides each voxel for the locally commonest class, so a class that is thin at
+        the latent's scale (a cortical ribbon next to white matter) comes back thinner: a constant offset per class
+        (a prior shift) moves the boundaries back to the training volumes. Offsets stay within +-BIAS_LIMIT, so
+        only voxels whose best two logits are closer than 2 x BIAS_LIMIT can change class: those are kept (at
+        most `max_per_map` of a map, a random share drawn with `generator` beyond that, each counted with its
+        weight), the others counted once. Fitted by damped steps on the log volume ratio, background the
+        reference; the best offsets seen are kept. Zeros with `calibrate_classes=false`. Returns the relative
+        volume error per class after the fit."""
+        nc = self.label_nc
+        target = torch.zeros(nc, dtype=torch.float64)
+        fixed = torch.zeros(nc, dtype=torch.float64)
+        kept, weights = [], []
+        for logits, label in maps:
+            x = logits.detach().float().reshape(nc, -1).cpu()
+            target += torch.bincount(label.flatten().long().cpu(), minlength=nc).double()
+            top = x.topk(min(2, nc), dim=0).values
+            open_ = (top[0] - top[-1]) < 2 * BIAS_LIMIT
+            fixed += torch.bincount(x.argmax(0)[~open_], minlength=nc).double()
+            choice, weight = x[:, open_].T, 1.0
+            if max_per_map is not None and choice.shape[0] > max_per_map:  # a random share standing for all
+                weight = choice.shape[0] / max_per_map
+                choice = choice[torch.randperm(choice.shape[0], generator=generator)[:max_per_map]]
+            kept.append(choice.contiguous())
+            weights.append(torch.full((choice.shape[0],), weight, dtype=torch.float64))
+        kept_all, weight_all = torch.cat(kept), torch.cat(weights)
+
+        def counts(bias: torch.Tensor) -> torch.Tensor:
+            return fixed + torch.bincount((kept_all + bias).argmax(1), weights=weight_all, minlength=nc)
+
+        bias = torch.zeros(nc, dtype=torch.float32)
+        made = counts(bias)
+        best, best_error = bias.clone(), float((made - target).abs().sum())
+        for _ in range(iterations if self.calibrate_classes else 0):
+            bias = bias + 0.5 * (torch.log1p(target) - torch.log1p(made)).float()
+            bias = (bias - bias[0]).clamp(-BIAS_LIMIT, BIAS_LIMIT)
+            made = counts(bias)
+            error = float((made - target).abs().sum())
+            if error < best_error:
+                best, best_error = bias.clone(), error
+        self.class_bias.copy_(best.to(self.class_bias))
+        return ((counts(best) - target) / target.clamp(min=1)).numpy()
+
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> integer label maps (B, X, Y, Z) (argmax of the logits)."""
-        return self.autoencoder.decode(latent / self.scale_factor).argmax(1)
+        """Scaled latent -> integer label maps (B, X, Y, Z) (`classify` of the logits)."""
+        return self.classify(self.autoencoder.decode(latent / self.scale_factor))
 
     # diffusion ---------------------------------------------------------------------------------------------
     def diffusion_loss(self, latent: torch.Tensor, attributes: torch.Tensor, positions: torch.Tensor | None = None,

@@ -37,6 +37,7 @@ def ckpts(tmp_path_factory):
     model.fit_attributes(vectors)
     model.fit_geometry(np.stack([foreground_box(m) for m in maps]), float(np.prod(SPACING)) / 1000)
     model.scale_factor.fill_(1.0)
+    model.class_bias.zero_()
     labels = save_label_generator(model.eval(), folder / "labels.ckpt", dataset=dataset, lesion_classes=LESIONS,
                                   attribute_table=found, volume_shape=SHAPE, split=None)
     return labels, diffusion, dataset

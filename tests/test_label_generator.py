@@ -127,6 +127,32 @@ def test_attribute_unet_follows_the_spatial_channel_unless_dropped():
         net(x, t, a)
 
 
+def test_class_offsets_restore_the_volumes_an_argmax_shifted():
+    """Logits that favour class 2 over class 1 by a constant 0.6 (noise elsewhere symmetric): the fitted offsets
+    undo that shift (known by construction), restore every class's volume and so the labels' agreement."""
+    generator = torch.Generator().manual_seed(0)
+    truth = [torch.randint(0, LABEL_NC, (4000,), generator=generator) for _ in range(3)]
+    shift = torch.tensor([0.0, -0.3, 0.3])[:, None]
+    logits = [torch.nn.functional.one_hot(y, LABEL_NC).T.float() + shift
+              + 0.8 * torch.randn(LABEL_NC, y.numel(), generator=generator) for y in truth]
+    model = tiny_generator()
+    plain = [model.classify(x[None])[0] for x in logits]  # not fitted yet: the plain argmax
+    assert sum(int((p == 1).sum()) for p in plain) < 0.8 * sum(int((y == 1).sum()) for y in truth)
+    errors = model.fit_class_bias(zip(logits, truth))
+    bias = model.class_bias
+    assert float(bias[0]) == 0.0 and float(bias[1] - bias[2]) == pytest.approx(0.6, abs=0.1)
+    assert np.abs(errors).max() < 0.01  # relative volume error per class
+    fitted = [model.classify(x[None])[0] for x in logits]
+    agree = lambda made: float(torch.cat([m == y for m, y in zip(made, truth)]).float().mean())  # noqa: E731
+    assert agree(fitted) > agree(plain) + 0.02
+    sampled = tiny_generator()  # a random half of each map's open voxels, each counted twice: about the same
+    sampled.fit_class_bias(zip(logits, truth), max_per_map=2000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sampled.class_bias, bias, atol=0.05, rtol=0)
+    off = tiny_generator(calibrate_classes=False)
+    off.fit_class_bias(zip(logits, truth))
+    assert torch.equal(off.class_bias, torch.zeros(LABEL_NC))
+
+
 @pytest.fixture(scope="module")
 def overfit():
     """A tiny generator trained on two phantom maps that differ only in lesion size."""
@@ -147,6 +173,8 @@ def overfit():
     model.fit_attributes(vectors)
     latent = model.encode_unscaled(labels)
     model.scale_factor.fill_(1.0 / float(latent.std()))
+    with torch.no_grad():
+        model.fit_class_bias(zip(model.autoencoder.decode(latent), labels[:, 0]))
     attributes = model.standardise(vectors)
     optimiser = torch.optim.Adam(model.unet.parameters(), 3e-3)
     generator = torch.Generator().manual_seed(0)

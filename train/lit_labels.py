@@ -13,7 +13,11 @@ attributes from them. `dataset.augment` reaches the autoencoder phase only (the 
 of the unaugmented maps, and its batches carry only case ids: loading the maps it would not read cost about a
 tenth of each step on a 2-core CPU).
 
-Validation logs `val/ae_ce`, `val/ae_dice` (mean foreground Dice of the autoencoder's reconstruction) and
+At the switch the decoded training maps also set the generator's class offsets (`LabelGenerator.fit_class_bias`,
+`model.generator.calibrate_classes`), which every later decoding applies.
+
+Validation logs `val/ae_ce`, `val/ae_dice` (mean foreground Dice of the autoencoder's reconstruction, with the
+class offsets once they are fitted) and
 `val/loss`, the EMA UNet's denoising loss at fixed timesteps with per-case seeded noise; `val/loss` is +inf in the
 autoencoder phase, so `best.ckpt` always holds a trained generator.
 """
@@ -41,6 +45,7 @@ from utils.checkpoint import dataset_settings
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+CALIBRATION_VALUES = 2**25  # most decoded logits kept to fit the class offsets (float32: 128 MiB)
 
 
 def build_generator(cfg: DictConfig) -> tuple[LabelGenerator, dict[str, int]]:
@@ -144,14 +149,26 @@ class LitLabels(pl.LightningModule):
 
     @torch.no_grad()
     def _encode_training_maps(self) -> None:
-        """Encode every training map once (the autoencoder is frozen from now on); set the latent scale."""
+        """Encode every training map once (the autoencoder is frozen from now on); set the latent scale and (a
+        fresh run) the class offsets from the decoded training maps."""
         datamodule = self.trainer.datamodule
         self.model.autoencoder.eval()
+        padded = {}
         for case in datamodule.train_cases:
             label = np.asarray(cache.load_preprocessed(case, datamodule.cfg).label)
-            padded = pad_to_at_least(label, self.volume_shape, LABEL_PAD_VALUE)[0]
-            latent = self.model.encode_unscaled(torch.from_numpy(padded.astype(np.int64))[None, None].to(self.device))
+            padded[case.case_id] = torch.from_numpy(
+                pad_to_at_least(label, self.volume_shape, LABEL_PAD_VALUE)[0].astype(np.int16))
+            latent = self.model.encode_unscaled(padded[case.case_id][None, None].to(self.device))
             self._latents[case.case_id] = latent[0].cpu()
+        if not torch.isfinite(self.model.class_bias).all():  # a resumed run keeps its offsets
+            decoded = ((self.model.autoencoder.decode(self._latents[c][None].to(self.device))[0], label)
+                       for c, label in padded.items())
+            errors = self.model.fit_class_bias(decoded, max_per_map=CALIBRATION_VALUES // (
+                len(padded) * self.model.label_nc), generator=torch.Generator().manual_seed(0))
+            names = self.dataset_info["class_names"] or [str(c) for c in range(self.model.label_nc)]
+            log.info("class offsets %s; decoded training volumes now off by %s",
+                     ", ".join(f"{n} {b:+.3f}" for n, b in zip(names, self.model.class_bias.tolist())),
+                     ", ".join(f"{n} {100 * e:+.2f} %" for n, e in zip(names, errors)))
         if not torch.isfinite(self.model.scale_factor):
             stacked = torch.stack(list(self._latents.values())).double()
             std = float(stacked.std())
@@ -191,7 +208,7 @@ class LitLabels(pl.LightningModule):
         label = batch["label"]
         model = self.model
         logits, _ = model.autoencoder(model.onehot(label))
-        recon = logits.argmax(1)
+        recon = model.classify(logits)
         ce = torch.nn.functional.cross_entropy(logits.float(), label[:, 0].long(), reduction="none").flatten(1).mean(1)
         fitted = model.is_fitted
         if fitted:
