@@ -3,7 +3,8 @@
 The same two stages as the image model, applied to label maps:
 1. `autoencoder`: the stage-1 network (`vq_gan_3d.model.VQGAN`, normal decoder) on the one-hot map: `label_nc`
    input channels, `label_nc` logits out, a continuous (`kl`) or finite-scalar (`fsq`) latent. Loss: cross-entropy
-   plus `dice_weight` x soft Dice (mean over classes) plus the latent kind's regulariser; argmax at decode.
+   plus `dice_weight` x soft Dice (mean over classes) plus the latent kind's regulariser. Decoding takes the
+   argmax after per-class offsets (`class_bias`, `fit_class_bias`) that keep the training maps' class volumes.
 2. `unet` (`AttributeUNet`): the stage-2 `ddpm.unet.UNet3D` (decoder=normal, no SPADE) on that latent scaled to
    unit variance (`scale_factor`), conditioned on an attribute vector through an MLP whose output is added to the
    UNet's time embedding. Training replaces the vector by a learned null vector at `cond_drop_prob` per sample,
