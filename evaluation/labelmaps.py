@@ -153,7 +153,8 @@ def volume_distribution(real: np.ndarray, fake: np.ndarray, names: list[str]) ->
 
 
 def on_common_grid(maps: list[LabelMap], spacing) -> list[np.ndarray]:
-    """Maps resampled to `spacing` (nearest), cropped to their foreground box and centred in the largest box."""
+    """Maps resampled to `spacing` (nearest), cropped to their foreground box and centred in the largest box (each
+    box's centre voxel on the grid's, so how two maps overlap does not depend on the other maps of the call)."""
     cropped = []
     for item in maps:
         grid = to_model_grid(item.label, item.affine, spacing, is_label=True)[0]
@@ -165,7 +166,7 @@ def on_common_grid(maps: list[LabelMap], spacing) -> list[np.ndarray]:
     placed = []
     for grid in cropped:
         out = np.zeros(shape, np.int64)
-        start = (shape - np.array(grid.shape)) // 2
+        start = shape // 2 - np.array(grid.shape) // 2
         out[tuple(slice(int(s), int(s) + n) for s, n in zip(start, grid.shape))] = grid
         placed.append(out)
     return placed

@@ -13,7 +13,7 @@ from dataset.attributes import as_row, measure
 from dataset.io import save_nifti
 from evaluation.label_plausibility import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes,
                                           count_holes, host_counts)
-from evaluation.labelmaps import host_classes_of, run
+from evaluation.labelmaps import LabelMap, host_classes_of, on_common_grid, run
 from utils.errors import UserError
 
 SPACING = (2.0, 2.0, 2.0)
@@ -56,6 +56,21 @@ def test_speckle_is_the_components_below_the_size():
     mask[10:13, 10:12, 10:12] = True  # 12 voxels
     sizes = component_sizes(mask)
     assert sorted(sizes.tolist()) == [1, 3, 12] and int((sizes < 10).sum()) == 2
+
+
+def test_common_grid_overlap_does_not_depend_on_the_other_maps():
+    """Two boxes of odd and even size keep their relative placement whatever the largest box of the call is (the
+    training maps' own nearest-neighbour Dice, the copy threshold, must not change with the generated set)."""
+    def box(shape):
+        label = np.zeros((12, 12, 12), np.int64)
+        label[tuple(slice(2, 2 + n) for n in shape)] = 1
+        return LabelMap("m", label, np.diag([*SPACING, 1.0]))
+    a, b = box((3, 4, 5)), box((4, 4, 6))
+    pairs = [on_common_grid([a, b, *extra], SPACING)[:2] for extra in ([], [box((7, 8, 9))], [box((8, 9, 10))])]
+    for x, y in pairs:  # centre voxel on centre voxel: b starts one voxel before a along x and z, every time
+        shift = [int(np.nonzero(y)[i].min() - np.nonzero(x)[i].min()) for i in range(3)]
+        assert shift == [-1, 0, -1] and x.sum() == 60 and y.sum() == 96
+        assert int(((x > 0) & (y > 0)).sum()) == 60  # a inside b
 
 
 def test_a_lesion_voxel_is_hosted_by_its_nearest_other_class():
