@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset.attributes import LesionAttributes
+from ddpm.class_offsets import fit_class_offsets
 from ddpm.conditioning import Condition
 from ddpm.latent_diffusion import ema_update
 from ddpm.samplers import SamplerSettings, gaussian, guided, run_sampler
@@ -47,7 +48,6 @@ from utils.build import configurable
 from vq_gan_3d.model import VQGAN
 
 LATENT_KINDS = ("kl", "fsq")
-BIAS_LIMIT = 4.0  # largest class offset `fit_class_bias` sets (logit units)
 FEATURES_PER_CLASS = 5  # log1p(volume mL), count, centroid r, a, s
 COORDINATE_CHANNELS = 3
 POSITION_FEATURES = 4  # latent-grid index x, y, z of a lesion centroid and the spatial channel's sigma
@@ -309,50 +309,13 @@ class LabelGenerator(nn.Module):
     @torch.no_grad()
     def fit_class_bias(self, maps: Iterable[tuple[torch.Tensor, torch.Tensor]], *, iterations: int = 60,
                        max_per_map: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
-        """Set `class_bias` so that the argmax of the decoded training maps holds as many voxels of each class as
-        the maps do. `maps` yields (logits (label_nc, ...), label (...)) of one decoded training map at a time.
-
-        An autoencoder's argmax decides each voxel for the locally commonest class, so a class that is thin at
-        the latent's scale (a cortical ribbon next to white matter) comes back thinner: a constant offset per class
-        (a prior shift) moves the boundaries back to the training volumes. Offsets stay within +-BIAS_LIMIT, so
-        only voxels whose best two logits are closer than 2 x BIAS_LIMIT can change class: those are kept (at
-        most `max_per_map` of a map, a random share drawn with `generator` beyond that, each counted with its
-        weight), the others counted once. Fitted by damped steps on the log volume ratio, background the
-        reference; the best offsets seen are kept. Zeros with `calibrate_classes=false`. Returns the relative
-        volume error per class after the fit."""
-        nc = self.label_nc
-        target = torch.zeros(nc, dtype=torch.float64)
-        fixed = torch.zeros(nc, dtype=torch.float64)
-        kept, weights = [], []
-        for logits, label in maps:
-            x = logits.detach().float().reshape(nc, -1).cpu()
-            target += torch.bincount(label.flatten().long().cpu(), minlength=nc).double()
-            top = x.topk(min(2, nc), dim=0).values
-            open_ = (top[0] - top[-1]) < 2 * BIAS_LIMIT
-            fixed += torch.bincount(x.argmax(0)[~open_], minlength=nc).double()
-            choice, weight = x[:, open_].T, 1.0
-            if max_per_map is not None and choice.shape[0] > max_per_map:  # a random share standing for all
-                weight = choice.shape[0] / max_per_map
-                choice = choice[torch.randperm(choice.shape[0], generator=generator)[:max_per_map]]
-            kept.append(choice.contiguous())
-            weights.append(torch.full((choice.shape[0],), weight, dtype=torch.float64))
-        kept_all, weight_all = torch.cat(kept), torch.cat(weights)
-
-        def counts(bias: torch.Tensor) -> torch.Tensor:
-            return fixed + torch.bincount((kept_all + bias).argmax(1), weights=weight_all, minlength=nc)
-
-        bias = torch.zeros(nc, dtype=torch.float32)
-        made = counts(bias)
-        best, best_error = bias.clone(), float((made - target).abs().sum())
-        for _ in range(iterations if self.calibrate_classes else 0):
-            bias = bias + 0.5 * (torch.log1p(target) - torch.log1p(made)).float()
-            bias = (bias - bias[0]).clamp(-BIAS_LIMIT, BIAS_LIMIT)
-            made = counts(bias)
-            error = float((made - target).abs().sum())
-            if error < best_error:
-                best, best_error = bias.clone(), error
-        self.class_bias.copy_(best.to(self.class_bias))
-        return ((counts(best) - target) / target.clamp(min=1)).numpy()
+        """Set `class_bias` from the decoded training maps (`ddpm.class_offsets.fit_class_offsets`: `maps` yields
+        (logits (label_nc, ...), label (...)) one map at a time) so that their argmax keeps each class's training
+        volume; zeros with `calibrate_classes=false`. Returns the relative volume error per class after the fit."""
+        bias, errors = fit_class_offsets(maps, self.label_nc, iterations=iterations if self.calibrate_classes else 0,
+                                         max_per_map=max_per_map, generator=generator)
+        self.class_bias.copy_(bias.to(self.class_bias))
+        return errors
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

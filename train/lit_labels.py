@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from dataset import cache
 from dataset.attributes import lesion_classes, measure, voxel_volume_ml
 from dataset.crops import LABEL_PAD_VALUE, pad_to_at_least
+from dataset.validate import class_names
 from ddpm.label_checkpoint import STAGE, checkpoint_metadata
 from ddpm.label_generator import FEATURES_PER_CLASS, LabelGenerator, attribute_vector, foreground_box
 from ddpm.samplers import SamplerSettings, gaussian
@@ -99,6 +100,7 @@ class LitLabels(pl.LightningModule):
         self.val_guidance_scale = float(val.guidance_scale)
         self.val_volumes = int(val.n_volumes)
         self.dataset_info = dataset_settings(cfg.dataset)
+        self.class_names = class_names(cfg.dataset)
         self.volume_shape: list[int] | None = None  # set by train.train_labels before fitting
         self.split: dict[str, list[str]] | None = None
         self.attribute_table: list[dict] = []
@@ -165,10 +167,9 @@ class LitLabels(pl.LightningModule):
                        for c, label in padded.items())
             errors = self.model.fit_class_bias(decoded, max_per_map=CALIBRATION_VALUES // (
                 len(padded) * self.model.label_nc), generator=torch.Generator().manual_seed(0))
-            names = self.dataset_info["class_names"] or [str(c) for c in range(self.model.label_nc)]
             log.info("class offsets %s; decoded training volumes now off by %s",
-                     ", ".join(f"{n} {b:+.3f}" for n, b in zip(names, self.model.class_bias.tolist())),
-                     ", ".join(f"{n} {100 * e:+.2f} %" for n, e in zip(names, errors)))
+                     ", ".join(f"{n} {b:+.3f}" for n, b in zip(self.class_names, self.model.class_bias.tolist())),
+                     ", ".join(f"{n} {100 * e:+.2f} %" for n, e in zip(self.class_names, errors)))
         if not torch.isfinite(self.model.scale_factor):
             stacked = torch.stack(list(self._latents.values())).double()
             std = float(stacked.std())
