@@ -1,6 +1,6 @@
-"""The CUDA paths (marker `gpu`; `bash benchmarks/gpu_check.sh` runs them): bf16 autocast training steps of both
-stages, torch.compile'd networks, DDP over every visible GPU with NCCL, and sampling and windowed synthesis on
-CUDA against the CPU. Skipped, with the reason "no CUDA GPU", where torch sees none.
+"""The CUDA paths (marker `gpu`; `bash benchmarks/gpu_check.sh` runs them, with the CUDA cases of test_bf16.py,
+the bf16 autocast training steps of both stages): torch.compile'd networks, DDP over every visible GPU with NCCL,
+and sampling and windowed synthesis on CUDA against the CPU. Skipped, with the reason "no CUDA GPU", where torch sees none.
 
 Tolerances (normalised intensities, [-1, 1]): CUDA in float32 with TF32 off matches the CPU to 1e-3 (max
 absolute difference of a synthesised volume; only the order of floating-point sums differs); compiled networks
@@ -22,6 +22,7 @@ import torch
 
 from conftest import compose
 from ddpm_tiny import save_tiny_diffusion, tiny_diffusion
+from test_bf16 import VQGAN_TINY, smooth_crop
 from utils.paths import PROJECT_ROOT
 
 # A string condition is evaluated at collection, not at import: the DDP test imports this module in a fresh
@@ -30,10 +31,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif("not torch.cuda.is_available()
 
 FP32_ATOL = 1e-3
 BF16_MEAN_ATOL = 0.02
-VQGAN_TINY = ["model.vqgan.base_channels=8", "model.vqgan.channel_mult=[1,2]", "model.vqgan.downsample=[2,2,2]",
-              "model.vqgan.norm_groups=4", "model.vqgan.num_codes=32", "model.vqgan.embedding_dim=4",
-              "model.loss.disc_channels=8", "model.loss.disc_layers=2", "model.loss.perceptual_weight=0",
-              "model.vqgan.gradient_checkpointing=false"]
 
 
 @contextmanager
@@ -45,67 +42,6 @@ def full_float32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def smooth_crop(shape=(16, 16, 8), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    smooth = torch.nn.functional.avg_pool3d(torch.randn(1, 1, *(s + 4 for s in shape), generator=g), 5, stride=1)
-    image = torch.tanh(3 * smooth)
-    return image, (smooth > 0).long() + (smooth > 0.2)
-
-
-def bf16_outputs(module: torch.nn.Module) -> list:
-    """Records the dtype of every Conv3d output (proof that autocast ran the convolutions in bf16)."""
-    seen = []
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Conv3d):
-            layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    return seen
-
-
-def test_stage1_bf16_training_steps_lower_the_loss():
-    from utils.build import build
-    from vq_gan_3d.training import training_iteration
-
-    cfg = compose("vqgan", [*VQGAN_TINY, "model.loss.gan_start_step=12"])
-    torch.manual_seed(0)
-    vqgan, loss = build(cfg.model.vqgan, "model.vqgan").cuda(), build(cfg.model.loss, "model.loss").cuda()
-    opt_g = torch.optim.Adam(vqgan.parameters(), lr=3e-3)
-    opt_d = torch.optim.Adam([p for d in loss.discriminators() for p in d.parameters()], lr=1e-3)
-    image, label = (t.cuda() for t in smooth_crop())
-    dtypes = bf16_outputs(vqgan)
-    l1, finite = [], []
-    for step in range(16):  # GAN on from step 12: the discriminator's bf16 step runs too
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logs = training_iteration(vqgan=vqgan, loss=loss, opt_g=opt_g, opt_d=opt_d, image=image, label=label,
-                                      step=step, generator=torch.Generator().manual_seed(0), grad_clip=1.0)
-        l1.append(float(logs["train/l1"]))
-        finite += [bool(torch.isfinite(torch.as_tensor(v)).all()) for v in logs.values()]
-    assert torch.bfloat16 in dtypes
-    assert all(finite) and "train/d_loss" in logs
-    assert l1[11] < 0.7 * l1[0], l1  # reconstruction of the fixed crop improves before the GAN starts
-
-
-def test_stage2_bf16_training_steps_lower_the_loss():
-    from ddpm.latent_diffusion import denoising_loss, make_optimizer
-
-    model = tiny_diffusion().cuda().train()
-    x0 = torch.randn(2, *model.vqgan.latent_shape((16, 16, 8)), generator=torch.Generator().manual_seed(0)).cuda()
-    label = torch.randint(0, 3, (2, 1, 16, 16, 8), generator=torch.Generator().manual_seed(1)).cuda()
-    optimizer = make_optimizer(model.unet, lr=2e-3, weight_decay=0.0)
-    dtypes = bf16_outputs(model.unet)
-    losses = []
-    for step in range(12):  # the same timesteps and noise every step: a fixed objective
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = denoising_loss(model.unet, model.schedule, x0, label, loss="l2", cond_drop_prob=0.0,
-                                  generator=torch.Generator().manual_seed(0))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.update_ema(step)
-        losses.append(float(loss))
-    assert torch.bfloat16 in dtypes and loss.dtype == torch.float32
-    assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
 
 
 def test_compiled_networks_match_eager():

@@ -49,11 +49,6 @@ def make_cfg(run_dir: Path, max_steps: int, resume: str = "auto"):
     )
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    assert common.resolve_precision("auto") == "32-true"
-    assert common.resolve_precision("16-mixed") == "16-mixed"
-
-
 def test_checkpoints_written_and_resume_continues_the_step_count(tmp_path):
     module = TinyRegression()
     trainer = common.run_training(make_cfg(tmp_path, max_steps=4), module, TinyData())

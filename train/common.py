@@ -19,6 +19,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from train.requeue import RequeueOnSignal, RequeueRequested, finish_after_requeue_request
 from utils.atomic import atomic_path
+from utils.device import native_bf16
 from utils.errors import UserError
 from utils.logs import tqdm_disabled
 
@@ -28,13 +29,17 @@ LAST_CKPT = "last.ckpt"
 BEST_CKPT = "best.ckpt"
 
 
-def resolve_precision(precision: str | int) -> str | int:
-    """"auto": bf16 mixed precision on GPUs that support it, full 32-bit float elsewhere (CPU included)."""
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
+    """"auto": bf16 mixed precision (autocast, float32 weights) where the training device computes in bfloat16
+    natively (`utils.device.native_bf16`: GPUs that support it, CPUs with AVX512-BF16 or AMX), full 32-bit float
+    elsewhere. On a 2-core AMD Zen 4 VM a demo training step is 20-30 % faster in bf16 (README, Training)."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    resolved = "bf16-mixed" if native_bf16(device) else "32-true"
+    log.info("trainer.precision=auto: %s on the %s", resolved, "GPU" if on_gpu else "CPU")
+    return resolved
 
 
 def resolve_progress_bar(setting: bool | str) -> bool:
@@ -93,7 +98,8 @@ class SeedPerRank(pl.Callback):
 
 def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"])
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs["precision"],
+                                                    trainer_kwargs.get("accelerator", "auto"))
     trainer_kwargs["enable_progress_bar"] = resolve_progress_bar(trainer_kwargs.get("enable_progress_bar", "auto"))
     callbacks = [
         # last.ckpt: every `ckpt_every_n_steps` optimisation steps and at the end of training.

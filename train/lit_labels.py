@@ -190,7 +190,8 @@ class LitLabels(pl.LightningModule):
             self.log_dict({f"train/ae_{k}": v for k, v in stats.items()}, batch_size=size)
             return loss
         if not self._latents:
-            self._encode_training_maps()
+            with torch.autocast(self.device.type, enabled=False):  # float32, as the generator decodes when sampling
+                self._encode_training_maps()
             self.trainer.datamodule.train_set.serve_ids_only()  # from now on the maps are read as latents
         latent = torch.stack([self._latents[c] for c in batch["case_id"]]).to(self.device) * self.model.scale_factor
         loss = self.model.diffusion_loss(latent, *self._attributes(batch["case_id"]))

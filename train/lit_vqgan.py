@@ -139,8 +139,10 @@ class LitVQGAN(pl.LightningModule):
         image, label = self._prepare(batch)
         recon, _ = self.vqgan(image, label if self.vqgan.is_spade else None)
         recon = recon.float().clamp(-1, 1)
-        # References a reconstruction should beat: Gaussian-blurred copies of the input (sigma in voxels).
-        blurred = {sigma: gaussian_blur(image.float(), sigma=sigma).cpu() for sigma in REFERENCE_BLUR_SIGMAS}
+        # References a reconstruction should beat: Gaussian-blurred copies of the input (sigma in voxels), in
+        # float32 under any training precision (under bf16 autocast the blur's convolution would run in bf16).
+        with torch.autocast(image.device.type, enabled=False):
+            blurred = {sigma: gaussian_blur(image.float(), sigma=sigma).cpu() for sigma in REFERENCE_BLUR_SIGMAS}
         for i, case_id in enumerate(batch["case_id"]):
             real, fake = image[i, 0].float().cpu(), recon[i, 0].cpu()
             metrics = {"l1": float(F.l1_loss(fake, real)), "psnr_range2": psnr(real, fake, data_range=2.0),

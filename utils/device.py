@@ -1,6 +1,8 @@
-"""`resolve_device(name)`: the one reading of a `device=` setting, shared by every CLI and evaluation tool."""
+"""`resolve_device(name)`: the one reading of a `device=` setting, shared by every CLI and evaluation tool;
+`native_bf16(device)`: whether a device computes in bfloat16 natively (the `auto` precision of training)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,3 +34,28 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"device={name}: not supported (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA GPU that supports bfloat16, or a CPU with bfloat16 dot-product instructions (AVX512-BF16, e.g. AMD
+    Zen 4 and later, Intel Cooper Lake; AMX-BF16, Intel Sapphire Rapids and later). Other CPUs emulate bfloat16
+    arithmetic, which is slower than float32 there."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and any(flag in _cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
