@@ -143,8 +143,10 @@ def build_trainer(cfg: DictConfig, module: pl.LightningModule, run_dir: Path) ->
 def run_training(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> pl.Trainer:
     """Fit `module` on `datamodule` in `cfg.train.run_dir`, resuming according to `cfg.train.resume`."""
     # Lightning notices that do not apply here: frozen networks (perceptual backbone, stage 1) are in eval mode
-    # on purpose, and logging counts optimisation steps across epochs, so short epochs lose no log entries.
+    # on purpose, and logging counts optimisation steps across epochs, so short epochs lose no log entries;
+    # stage 1's manual optimisation checkpoints the state after the step, which is what a resumed run continues.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     pl.seed_everything(cfg.train.seed, workers=True)
