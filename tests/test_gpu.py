@@ -1,6 +1,7 @@
 """The CUDA paths (marker `gpu`; `bash benchmarks/gpu_check.sh` runs them, with the CUDA cases of test_bf16.py,
 the bf16 autocast training steps of both stages): torch.compile'd networks, DDP over every visible GPU with NCCL,
-and sampling and windowed synthesis on CUDA against the CPU. Skipped, with the reason "no CUDA GPU", where torch sees none.
+and sampling and windowed synthesis on CUDA against the CPU. Skipped, with the reason "no CUDA GPU", where torch
+sees none.
 
 Tolerances (normalised intensities, [-1, 1]): CUDA in float32 with TF32 off matches the CPU to 1e-3 (max
 absolute difference of a synthesised volume; only the order of floating-point sums differs); compiled networks

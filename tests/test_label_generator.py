@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from dataset import cache
 from dataset.attributes import LesionAttributes
 from dataset.attributes import measure
+from dataset.crops import LABEL_PAD_VALUE, pad_to_at_least
 from ddpm.label_checkpoint import load_label_generator, save_label_generator
 from ddpm.label_generator import (AttributeUNet, attribute_vector, foreground_box, grid_affine, lesion_positions,
                                   soft_dice_loss, spatial_channels)
@@ -246,7 +248,8 @@ TINY_OVERRIDES = [
 ]
 
 
-def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root, tmp_path, precision):
     dataset = ["dataset=nifti", f"dataset.root_dir={phantom_root}", "dataset.label_nc=3", "dataset.modality=mr",
                "dataset/intensity=percentile", "dataset.spacing=[1.0,1.0,2.0]", "dataset.num_workers=0",
                "dataset.name=phantom", "dataset.lesion_classes=[class_2]", "dataset.batch_size=2"]
@@ -256,9 +259,18 @@ def test_training_runs_both_phases_on_the_stored_split(compose_cfg, phantom_root
                         split=stored)
     run_dir = tmp_path / "run"
     cfg = compose_cfg("labels", [*dataset, *TINY_OVERRIDES, "trainer=cpu", "logger=csv",
-                                 f"model.split_ckpt={stage1}", f"train.run_dir={run_dir}"])
+                                 f"trainer.precision={precision}", f"model.split_ckpt={stage1}",
+                                 f"train.run_dir={run_dir}"])
     module = LitLabels(cfg)
-    run_training(cfg, module, build_datamodule(cfg, module))
+    datamodule = build_datamodule(cfg, module)
+    run_training(cfg, module, datamodule)
+    # the frozen encodings the diffusion learns are float32 under any training precision, as sampling decodes them
+    for case in datamodule.train_cases:
+        padded = pad_to_at_least(np.asarray(cache.load_preprocessed(case, datamodule.cfg).label), [24, 24, 16],
+                                 LABEL_PAD_VALUE)[0].astype(np.int16)
+        with torch.no_grad():
+            expected = module.model.encode_unscaled(torch.from_numpy(padded)[None, None])[0]
+        assert torch.equal(module._latents[case.case_id], expected), case.case_id
     model, meta = load_label_generator(run_dir / "last.ckpt")
     assert meta["split"] == stored  # the stage-1 split, not a fresh one
     assert meta["volume_shape"] == [24, 24, 16]  # the phantoms' shape, already a multiple of 4

@@ -119,11 +119,12 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_cfg):
     """The real demo experiment (model settings as shipped, GAN and perceptual loss on) for 3 steps on the small
-    demo data of conftest, through the training entry point's own steps."""
+    demo data of conftest, through the training entry point's own steps, in bf16 autocast (what the demo's
+    `precision: auto` gives on a CPU with bf16 instructions; emulated elsewhere)."""
     run_dir = tmp_path_factory.mktemp("vqgan_demo")
     cfg = compose("vqgan", ["experiment=demo", *DEMO_DATA, f"train.run_dir={run_dir}", "trainer.max_steps=3",
                             "trainer.val_check_interval=3", "model.loss.gan_start_step=1",
-                            "trainer.enable_progress_bar=false"])
+                            "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed"])
     assert cfg.trainer.accelerator == "cpu" and cfg.model.loss.perceptual_backbone == "inception"
     from dataset.datamodule import VolumeDataModule
 
@@ -139,8 +140,9 @@ def test_demo_experiment_composes_and_trains(demo_run):
     assert {"val/l1", "val/psnr_range2", "val/ssim_range2", "val/psnr_range2_blur1", "val/ssim_range2_blur2",
             "train/d_loss", "train/perceptual", "train/lesion_l1"} <= set(trainer.callback_metrics)
     assert (run_dir / "last.ckpt").is_file() and (run_dir / "split.json").is_file()
-    demo_loss = compose("vqgan", ["experiment=demo"]).model.loss
-    assert demo_loss.gan_start_step > 0 and demo_loss.perceptual_weight > 0
+    demo = compose("vqgan", ["experiment=demo"])
+    assert demo.model.loss.gan_start_step > 0 and demo.model.loss.perceptual_weight > 0
+    assert demo.trainer.precision == "auto" and trainer.precision == "bf16-mixed"
 
 
 def test_encode_writes_latents_of_the_stored_split(demo_run, tmp_path):
