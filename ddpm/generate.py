@@ -9,8 +9,8 @@ training case of the label-map generator, among the `draw_nearest` agreeing ones
 (`ddpm.label_generator`, on the model grid at the training spacing) and a scan synthesised from it by stage 2
 (`ddpm.synthesis.Synthesizer`, as `ddpm.sample` does). The output folder is a data set of this project and of
 nnU-Net: `images/<id>.nii.gz` + `labels/<id>.nii.gz` (layout=images_labels) or `imagesTr/<id>_0000.nii.gz` +
-`labelsTr/<id>.nii.gz` + `dataset.json` (layout=nnunet), plus `attributes.csv` (per case `case_id`, the
-attributes the map was generated for as `requested_<class>_<attribute>` and what it shows as
+`labelsTr/<id>.nii.gz` + `dataset.json` (layout=nnunet), plus `attributes.csv` (per case `case_id`, its
+`seed_index` k, the attributes the map was generated for as `requested_<class>_<attribute>` and what it shows as
 `measured_<class>_<attribute>`, `dataset.attributes.as_row` columns) and `generate.json` (checkpoints, settings,
 versions). Pair k depends only on `seed` and k. `sweep={lesion_volume_ml: [1, 2, 4, 8]}` (any one `lesion_*` key):
 n pairs for each value, the k-th pair of every value with the same seeds and drawn case, so along a row of pairs
@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> list[str]:
         native = synth.to_native(image, prepared)
         save_nifti(native, affine, paths["image"], overwrite=overwrite, dtype=native.dtype)
         save_nifti(label, affine, paths["label"], overwrite=overwrite)
-        rows.append({"case_id": case_id, **as_row(drawn, "requested_"),
+        rows.append({"case_id": case_id, "seed_index": index % n, **as_row(drawn, "requested_"),
                      **as_row(measure(label, affine, lesions), "measured_")})
 
     write_csv(rows, out / "attributes.csv", overwrite)

@@ -8,7 +8,10 @@ set config. Every map is read in RAS order (exact axis permutation/flip); counts
   the fake maps by `case_id` = file stem): per lesion class, requested vs measured volume (Spearman and Pearson
   correlation, median absolute error in mL), the share of maps with the requested component count, and the median
   distance in mm between requested and measured centroid (normalised body coordinates scaled by the fake map's
-  body box);
+  body box). With a `seed_index` column (`ddpm.generate` writes one: in a sweep, the pairs of one index share their
+  seeds and their drawn attributes, so only the swept value changes among them) also the volume's Spearman
+  correlation within each index of at least 3 maps, averaged, and the share of those indices whose measured volume
+  rises strictly with the requested one: whether the request moves the lesion, apart from what else was drawn;
 - plausibility (`evaluation.label_plausibility`), real and fake: components per class (26-connectivity), holes per
   class (cavities: components of everything else, 6-connected, that do not reach the outside of the class's bounding
   box), speckle (components smaller than `speckle_voxels`), the share of lesion voxels inside their host classes (a
@@ -29,6 +32,7 @@ Writes `labelmaps.json`, `per_case.csv` (the fake maps) and `figures/volume_hist
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,14 +200,48 @@ def correlation(fn, x: list[float], y: list[float]) -> float | None:
     return float(fn(x, y).statistic)
 
 
-def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[str, int], source: str) -> dict:
+def read_seed_index(path: str | Path) -> dict[str, int] | None:
+    """{case id: seed index} from the requested-attributes CSV's `seed_index` column; None without one."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "seed_index" not in rows[0]:
+        return None
+    groups = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            groups[row["case_id"]] = int(row["seed_index"])
+        except ValueError:
+            raise UserError(f"{path}: line {line}: seed_index={row['seed_index']!r} is not an integer") from None
+    return groups
+
+
+def within_seed_volume(requested: list[float], measured: list[float], seeds: list[int]) -> dict:
+    """Requested vs measured volume within each seed index of at least 3 maps with distinct requests: their mean
+    Spearman correlation and the share whose measured volume rises strictly along the request."""
+    rhos, rising = [], []
+    for seed in sorted(set(seeds)):
+        members = [i for i, s in enumerate(seeds) if s == seed]
+        wanted = np.asarray([requested[i] for i in members])
+        made = np.asarray([measured[i] for i in members])
+        if len(members) < 3 or len(np.unique(wanted)) < len(members):
+            continue
+        order = np.argsort(wanted)
+        rising.append(bool(np.all(np.diff(made[order]) > 0)))
+        rho = correlation(stats.spearmanr, list(wanted), list(made))
+        rhos.append(0.0 if rho is None else rho)  # a constant measured volume does not follow the request
+    return {"n_seeds": len(rhos), "mean_spearman": float(np.mean(rhos)) if rhos else None,
+            "share_rising": float(np.mean(rising)) if rising else None}
+
+
+def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[str, int], source: str,
+                       seed_index: dict[str, int] | None = None) -> dict:
     missing = sorted(set(requests) - set(fake))
     if missing:
         raise UserError(f"{source}: case_id {missing[0]} has no generated label map in fake= "
                         f"({len(missing)} rows unmatched)")
     result = {}
     for name in lesions:
-        volume, count, centroid_mm = ([], []), [], []
+        volume, count, centroid_mm, seeds = ([], []), [], [], []
         for stem, request in requests.items():
             wanted = request.get(name)
             if not wanted:
@@ -213,6 +251,7 @@ def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[
             if "volume_ml" in wanted:
                 volume[0].append(wanted["volume_ml"])
                 volume[1].append(measured.volume_ml)
+                seeds.append(None if seed_index is None else seed_index.get(stem))
             if "count" in wanted:
                 count.append(measured.count == wanted["count"])
             if "centroid" in wanted and measured.centroid is not None:
@@ -223,7 +262,8 @@ def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[
         result[name] = {
             "volume": {"n": len(volume[0]), "spearman": correlation(stats.spearmanr, *volume),
                        "pearson": correlation(stats.pearsonr, *volume),
-                       "median_abs_error_ml": float(np.median(errors)) if errors.size else None},
+                       "median_abs_error_ml": float(np.median(errors)) if errors.size else None,
+                       **({} if seed_index is None else {"within_seed": within_seed_volume(*volume, seeds)})},
             "count": {"n": len(count), "share_exact": float(np.mean(count)) if count else None},
             "centroid": {"n": len(centroid_mm),
                          "median_error_mm": float(np.median(centroid_mm)) if centroid_mm else None},
@@ -320,7 +360,8 @@ def run(cfg: DictConfig) -> dict:
 
     results = {
         "attribute_fidelity": skipped("no requested= CSV") if requests is None else
-        attribute_fidelity(requests, dict(zip(fake_stems, fake)), lesions, str(cfg.requested)),
+        attribute_fidelity(requests, dict(zip(fake_stems, fake)), lesions, str(cfg.requested),
+                           read_seed_index(cfg.requested)),
         "plausibility": {
             "real": {k: v for k, v in real_summary.items() if k != "adjacency"},
             "fake": {k: v for k, v in fake_summary.items() if k != "adjacency"},

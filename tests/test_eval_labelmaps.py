@@ -13,7 +13,7 @@ from dataset.attributes import as_row, measure
 from dataset.io import save_nifti
 from evaluation.label_plausibility import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes,
                                           count_holes, host_counts)
-from evaluation.labelmaps import LabelMap, host_classes_of, on_common_grid, run
+from evaluation.labelmaps import LabelMap, host_classes_of, on_common_grid, read_seed_index, run, within_seed_volume
 from utils.errors import UserError
 
 SPACING = (2.0, 2.0, 2.0)
@@ -95,6 +95,32 @@ def test_a_lesion_voxel_is_hosted_by_its_nearest_other_class():
                         names)
 
 
+def test_within_seed_volume_by_hand():
+    requested = [2, 4, 8, 2, 4, 8, 16, 2, 4, 2, 2, 4]
+    measured = [1, 2, 3, 5, 3, 4, 6, 9, 9, 1, 7, 7]
+    seeds = [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3]
+    # seed 0 rises (rho 1); seed 1: ranks 3,1,2,4 against 1,2,3,4 (rho 0.4), not rising; seed 2 has 2 maps (left
+    # out); seed 3 requests 2 mL twice (left out: the request does not vary)
+    result = within_seed_volume(requested, measured, seeds)
+    assert result == {"n_seeds": 2, "mean_spearman": pytest.approx((1.0 + 0.4) / 2), "share_rising": 0.5}
+    flat = within_seed_volume([2, 4, 8], [5, 5, 5], [0, 0, 0])  # the request moves nothing: rho counted as 0
+    assert flat == {"n_seeds": 1, "mean_spearman": 0.0, "share_rising": 0.0}
+    assert within_seed_volume([2, 4], [1, 2], [0, 0]) == {"n_seeds": 0, "mean_spearman": None, "share_rising": None}
+
+
+def test_seed_index_column_is_read_and_checked(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("case_id,seed_index,requested_lesion_volume_ml\ngen0000,0,2\ngen0001,1,4\n")
+    assert read_seed_index(good) == {"gen0000": 0, "gen0001": 1}
+    plain = tmp_path / "plain.csv"
+    plain.write_text("case_id,requested_lesion_volume_ml\ngen0000,2\n")
+    assert read_seed_index(plain) is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,seed_index\ngen0000,0\ngen0001,one\n")
+    with pytest.raises(UserError, match=r"bad.csv: line 3: seed_index='one' is not an integer"):
+        read_seed_index(bad)
+
+
 # the CLI -----------------------------------------------------------------------------------------------------
 def brain(rng, shape=(24, 24, 20), lesion_radius=1.5):
     """Ellipsoid body: CSF/other (1) around grey (2) around white matter (3), one spherical lesion (4) in it."""
@@ -162,6 +188,7 @@ def test_cli_flags_the_copy_and_measures_requested_attributes(compose_cfg, folde
     assert fidelity["volume"]["n"] == 3
     assert fidelity["volume"]["spearman"] == pytest.approx(1.0) and fidelity["volume"]["pearson"] == pytest.approx(1.0)
     assert fidelity["volume"]["median_abs_error_ml"] == 0.0
+    assert "within_seed" not in fidelity["volume"]  # the CSV has no seed_index column
     assert fidelity["centroid"]["median_error_mm"] == pytest.approx(0.0, abs=1e-9)
     assert fidelity["count"]["share_exact"] == 1.0
     plaus = results["plausibility"]

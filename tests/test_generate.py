@@ -129,6 +129,8 @@ def test_sweep_gives_rows_where_only_the_swept_attribute_changes(compose_cfg, ck
     requests = read_requested_csv(out / "attributes.csv", list(LESIONS))
     assert [requests[i]["class_2"]["volume_ml"] for i in ids] == [0.5, 0.5, 2.0, 2.0]
     assert all(requests[i]["class_2"]["count"] == 1 for i in ids)
+    rows = list(csv.DictReader(open(out / "attributes.csv", newline="")))
+    assert [int(row["seed_index"]) for row in rows] == [0, 1, 0, 1]  # pair k of every value: seed index k
     # the same drawn attributes and noise along a row: pair k of each value differs only by the swept volume
     for k in range(2):
         first, second = (requests[ids[j * 2 + k]]["class_2"] for j in range(2))
