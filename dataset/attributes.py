@@ -304,3 +304,19 @@ def read_requested_csv(path: str | Path, lesion_names: Sequence[str]) -> dict[st
             request.update(checked)
         requests[str(row["case_id"])] = request
     return requests
+
+
+def read_seed_index(path: str | Path) -> dict[str, int] | None:
+    """{case id: seed index} from the `seed_index` column of `ddpm.generate`'s attributes CSV (the pairs of one index
+    share their seeds and drawn attributes); None without the column."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "seed_index" not in rows[0]:
+        return None
+    groups = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            groups[row["case_id"]] = int(row["seed_index"])
+        except ValueError:
+            raise UserError(f"{path}: line {line}: seed_index={row['seed_index']!r} is not an integer") from None
+    return groups

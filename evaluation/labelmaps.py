@@ -32,7 +32,6 @@ Writes `labelmaps.json`, `per_case.csv` (the fake maps) and `figures/volume_hist
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from omegaconf import DictConfig
 from scipy import stats
 from tqdm import tqdm
 
-from dataset.attributes import body_box, lesion_classes, measure, read_requested_csv
+from dataset.attributes import body_box, lesion_classes, measure, read_requested_csv, read_seed_index
 from dataset.geometry import to_model_grid, voxel_spacing
 from dataset.io import load_nifti
 from dataset.validate import class_names as dataset_class_names
@@ -200,21 +199,6 @@ def correlation(fn, x: list[float], y: list[float]) -> float | None:
     return float(fn(x, y).statistic)
 
 
-def read_seed_index(path: str | Path) -> dict[str, int] | None:
-    """{case id: seed index} from the requested-attributes CSV's `seed_index` column; None without one."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "seed_index" not in rows[0]:
-        return None
-    groups = {}
-    for line, row in enumerate(rows, start=2):
-        try:
-            groups[row["case_id"]] = int(row["seed_index"])
-        except ValueError:
-            raise UserError(f"{path}: line {line}: seed_index={row['seed_index']!r} is not an integer") from None
-    return groups
-
-
 def within_seed_volume(requested: list[float], measured: list[float], seeds: list[int]) -> dict:
     """Requested vs measured volume within each seed index of at least 3 maps with distinct requests: their mean
     Spearman correlation and the share whose measured volume rises strictly along the request."""
@@ -251,7 +235,7 @@ def attribute_fidelity(requests: dict, fake: dict[str, LabelMap], lesions: dict[
             if "volume_ml" in wanted:
                 volume[0].append(wanted["volume_ml"])
                 volume[1].append(measured.volume_ml)
-                seeds.append(None if seed_index is None else seed_index.get(stem))
+                seeds.append(None if seed_index is None else seed_index[stem])  # both from one CSV
             if "count" in wanted:
                 count.append(measured.count == wanted["count"])
             if "centroid" in wanted and measured.centroid is not None:

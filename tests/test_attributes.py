@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from dataset.attributes import (LesionAttributes, as_row, body_box, check_requested, draw_case,
-                                fill_attributes, lesion_classes, measure, read_requested_csv)
+                                fill_attributes, lesion_classes, measure, read_requested_csv,
+                                read_seed_index)
 from utils.errors import UserError
 
 LESION = {"lesion": 2}
@@ -165,3 +166,16 @@ def test_csv_rows_round_trip_the_requests(tmp_path):
         writer.writerows(rows)
     with pytest.raises(UserError, match="line 3: lesion_volume_ml"):
         read_requested_csv(path, ["lesion"])
+
+
+def test_seed_index_column_is_read_and_checked(tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("case_id,seed_index,requested_lesion_volume_ml\ngen0000,0,2\ngen0001,1,4\n")
+    assert read_seed_index(good) == {"gen0000": 0, "gen0001": 1}
+    plain = tmp_path / "plain.csv"
+    plain.write_text("case_id,requested_lesion_volume_ml\ngen0000,2\n")
+    assert read_seed_index(plain) is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,seed_index\ngen0000,0\ngen0001,one\n")
+    with pytest.raises(UserError, match=r"bad.csv: line 3: seed_index='one' is not an integer"):
+        read_seed_index(bad)

@@ -13,7 +13,7 @@ from dataset.attributes import as_row, measure
 from dataset.io import save_nifti
 from evaluation.label_plausibility import (adjacency_counts, adjacency_fractions, adjacency_l1, component_sizes,
                                           count_holes, host_counts)
-from evaluation.labelmaps import LabelMap, host_classes_of, on_common_grid, read_seed_index, run, within_seed_volume
+from evaluation.labelmaps import LabelMap, host_classes_of, on_common_grid, run, within_seed_volume
 from utils.errors import UserError
 
 SPACING = (2.0, 2.0, 2.0)
@@ -106,19 +106,6 @@ def test_within_seed_volume_by_hand():
     flat = within_seed_volume([2, 4, 8], [5, 5, 5], [0, 0, 0])  # the request moves nothing: rho counted as 0
     assert flat == {"n_seeds": 1, "mean_spearman": 0.0, "share_rising": 0.0}
     assert within_seed_volume([2, 4], [1, 2], [0, 0]) == {"n_seeds": 0, "mean_spearman": None, "share_rising": None}
-
-
-def test_seed_index_column_is_read_and_checked(tmp_path):
-    good = tmp_path / "good.csv"
-    good.write_text("case_id,seed_index,requested_lesion_volume_ml\ngen0000,0,2\ngen0001,1,4\n")
-    assert read_seed_index(good) == {"gen0000": 0, "gen0001": 1}
-    plain = tmp_path / "plain.csv"
-    plain.write_text("case_id,requested_lesion_volume_ml\ngen0000,2\n")
-    assert read_seed_index(plain) is None
-    bad = tmp_path / "bad.csv"
-    bad.write_text("case_id,seed_index\ngen0000,0\ngen0001,one\n")
-    with pytest.raises(UserError, match=r"bad.csv: line 3: seed_index='one' is not an integer"):
-        read_seed_index(bad)
 
 
 # the CLI -----------------------------------------------------------------------------------------------------
