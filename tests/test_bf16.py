@@ -63,15 +63,15 @@ def test_precision_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(cpu_fla
     assert common.resolve_precision("16-mixed") == "16-mixed"
 
 
-def test_cpu_flags_are_read_from_proc_cpuinfo():
-    flags = device_mod._cpu_flags()
-    assert isinstance(flags, frozenset)
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            listed = next((line for line in handle if line.startswith("flags")), None)
-    except OSError:
-        listed = None
-    assert flags == (frozenset(listed.partition(":")[2].split()) if listed else frozenset())
+def test_cpu_flags_are_read_from_the_first_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert device_mod._cpu_flags.__wrapped__(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
+    arm = tmp_path / "arm"  # an ARM kernel names them Features: none read
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert device_mod._cpu_flags.__wrapped__(str(arm)) == frozenset()
+    assert device_mod._cpu_flags.__wrapped__(str(tmp_path / "absent")) == frozenset()
 
 
 @pytest.mark.parametrize("device", DEVICES)

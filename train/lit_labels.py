@@ -152,31 +152,33 @@ class LitLabels(pl.LightningModule):
     @torch.no_grad()
     def _encode_training_maps(self) -> None:
         """Encode every training map once (the autoencoder is frozen from now on); set the latent scale and (a
-        fresh run) the class offsets from the decoded training maps."""
-        datamodule = self.trainer.datamodule
-        self.model.autoencoder.eval()
-        padded = {}
-        for case in datamodule.train_cases:
-            label = np.asarray(cache.load_preprocessed(case, datamodule.cfg).label)
-            padded[case.case_id] = torch.from_numpy(
-                pad_to_at_least(label, self.volume_shape, LABEL_PAD_VALUE)[0].astype(np.int16))
-            latent = self.model.encode_unscaled(padded[case.case_id][None, None].to(self.device))
-            self._latents[case.case_id] = latent[0].cpu()
-        if not torch.isfinite(self.model.class_bias).all():  # a resumed run keeps its offsets
-            decoded = ((self.model.autoencoder.decode(self._latents[c][None].to(self.device))[0], label)
-                       for c, label in padded.items())
-            errors = self.model.fit_class_bias(decoded, max_per_map=CALIBRATION_VALUES // (
-                len(padded) * self.model.label_nc), generator=torch.Generator().manual_seed(0))
-            log.info("class offsets %s; decoded training volumes now off by %s",
-                     ", ".join(f"{n} {b:+.3f}" for n, b in zip(self.class_names, self.model.class_bias.tolist())),
-                     ", ".join(f"{n} {100 * e:+.2f} %" for n, e in zip(self.class_names, errors)))
-        if not torch.isfinite(self.model.scale_factor):
-            stacked = torch.stack(list(self._latents.values())).double()
-            std = float(stacked.std())
-            if not std > 0:
-                raise UserError("training label maps: their latents have zero variance (all maps identical?)")
-            self.model.scale_factor.fill_(1.0 / std)
-            log.info("latent scale factor %.5f (1/std of %d latent values)", 1.0 / std, stacked.numel())
+        fresh run) the class offsets from the decoded training maps, in float32 under any training precision, as the
+        generator encodes and decodes when sampling."""
+        with torch.autocast(self.device.type, enabled=False):
+            datamodule = self.trainer.datamodule
+            self.model.autoencoder.eval()
+            padded = {}
+            for case in datamodule.train_cases:
+                label = np.asarray(cache.load_preprocessed(case, datamodule.cfg).label)
+                padded[case.case_id] = torch.from_numpy(
+                    pad_to_at_least(label, self.volume_shape, LABEL_PAD_VALUE)[0].astype(np.int16))
+                latent = self.model.encode_unscaled(padded[case.case_id][None, None].to(self.device))
+                self._latents[case.case_id] = latent[0].cpu()
+            if not torch.isfinite(self.model.class_bias).all():  # a resumed run keeps its offsets
+                decoded = ((self.model.autoencoder.decode(self._latents[c][None].to(self.device))[0], label)
+                           for c, label in padded.items())
+                errors = self.model.fit_class_bias(decoded, max_per_map=CALIBRATION_VALUES // (
+                    len(padded) * self.model.label_nc), generator=torch.Generator().manual_seed(0))
+                log.info("class offsets %s; decoded training volumes now off by %s",
+                         ", ".join(f"{n} {b:+.3f}" for n, b in zip(self.class_names, self.model.class_bias.tolist())),
+                         ", ".join(f"{n} {100 * e:+.2f} %" for n, e in zip(self.class_names, errors)))
+            if not torch.isfinite(self.model.scale_factor):
+                stacked = torch.stack(list(self._latents.values())).double()
+                std = float(stacked.std())
+                if not std > 0:
+                    raise UserError("training label maps: their latents have zero variance (all maps identical?)")
+                self.model.scale_factor.fill_(1.0 / std)
+                log.info("latent scale factor %.5f (1/std of %d latent values)", 1.0 / std, stacked.numel())
 
     # training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -190,8 +192,7 @@ class LitLabels(pl.LightningModule):
             self.log_dict({f"train/ae_{k}": v for k, v in stats.items()}, batch_size=size)
             return loss
         if not self._latents:
-            with torch.autocast(self.device.type, enabled=False):  # float32, as the generator decodes when sampling
-                self._encode_training_maps()
+            self._encode_training_maps()
             self.trainer.datamodule.train_set.serve_ids_only()  # from now on the maps are read as latents
         latent = torch.stack([self._latents[c] for c in batch["case_id"]]).to(self.device) * self.model.scale_factor
         loss = self.model.diffusion_loss(latent, *self._attributes(batch["case_id"]))

@@ -40,10 +40,10 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (its first `flags` line; empty elsewhere)."""
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+        with open(cpuinfo, encoding="ascii", errors="replace") as handle:
             for line in handle:
                 if line.startswith("flags"):
                     return frozenset(line.partition(":")[2].split())
